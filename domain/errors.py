@@ -127,3 +127,47 @@ class BestEffortDiagnostics:
 
     def is_disabled(self, name: str) -> bool:
         return name in self.disabled
+
+
+class ImageFileError(CoordExpError):
+    """An image file cannot be used: ``kind`` is ``missing`` or ``unreadable``; ``path`` is the resolved path."""
+
+    def __init__(self, message: str, *, path: str, kind: str) -> None:
+        self.path = path
+        self.kind = kind
+        super().__init__(message)
+
+
+class ConversionError(CoordExpError):
+    """The offline converter cannot proceed: its source annotations or settings break a rule (data.md §9)."""
+
+
+class OverLengthError(DataContractError):
+    """Samples longer than ``training.max_length`` (data.md §6.5): listed as ``<file>:<line> length=L``.
+
+    ``entries`` are ``(file, line, length)``; at most 20 are listed, then ``... and N more``.
+    Samples are never truncated, so the message names the mitigations.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[tuple[str, int, int]],
+        max_length: int,
+        *,
+        limit: int = MAX_LISTED_PROBLEMS,
+    ) -> None:
+        self.entries: tuple[tuple[str, int, int], ...] = tuple(entries)
+        self.max_length = max_length
+        header = (
+            f"{len(self.entries)} sample(s) longer than training.max_length = {max_length} "
+            "(samples are never truncated):"
+        )
+        lines = [header]
+        lines += [f"{file}:{line} length={length}" for file, line, length in self.entries[:limit]]
+        if len(self.entries) > limit:
+            lines.append(f"... and {len(self.entries) - limit} more")
+        lines.append(
+            "Mitigations: raise training.max_length, lower data.max_pixels and re-convert the data, "
+            "or set data.convert.max_objects."
+        )
+        super().__init__("\n".join(lines))

@@ -1,0 +1,85 @@
+"""Atomic file writes (D16): a temporary file in the destination's directory, fsync, then ``os.replace``.
+
+A reader sees either the old file or the complete new one, never a partial write; an interrupted
+writer leaves at most a ``.<name>.*.tmp`` file behind, which the next write does not depend on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, produce: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` by calling ``produce`` on a temporary binary file, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            produce(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates 0600; give the artifact the usual permissions of a new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    def produce(handle: BinaryIO) -> None:
+        handle.write(data)
+
+    write_atomically(path, produce)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_lines_atomically(path: Path, lines: Iterable[str]) -> None:
+    def produce(handle: BinaryIO) -> None:
+        for line in lines:
+            handle.write(line.encode("utf-8"))
+            handle.write(b"\n")
+
+    write_atomically(path, produce)
+
+
+def copy_atomically(source: Path, destination: Path) -> None:
+    """Copy ``source``'s bytes to ``destination`` (atomically at the destination)."""
+
+    def produce(handle: BinaryIO) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, handle, length=1 << 20)
+
+    write_atomically(destination, produce)
+
+
+def replace_atomically(source: Path, destination: Path) -> None:
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, destination)
+    _fsync_directory(Path(destination).parent)

@@ -1,0 +1,208 @@
+"""Dataset validation use case (data.md §9.9).
+
+    python -m application.validate_dataset --config FILE
+
+Runs the loader's checks of data.md §1 (record contract) and §3 (image files and sizes) on
+``data.train_jsonl`` and ``data.val_jsonl``, computes sample lengths against ``training.max_length``
+when a sample-length function is available, and reports EVERY problem (not only the first 20) plus
+statistics: records, objects per image, bbox / poly counts, length percentiles. Exit status 1 when
+any problem was found.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from application.dataset_images import DEFAULT_CHECK_WORKERS, image_problems, image_root_for
+from domain.errors import ArtifactError, ConfigError, CoordExpError, DataProblem, InvariantViolation
+from domain.objects import Ordering
+from domain.records import RecordSet, validate_jsonl_records
+from ports.storage import ArtifactStore, ImageStore
+
+PROG = "python -m application.validate_dataset"
+
+SampleLengths = Callable[[RecordSet], Sequence[int]]
+"""Token lengths (data.md §6.5) of every record of a validated record set, in record order."""
+
+
+@attrs.frozen
+class Distribution:
+    """Summary of a list of non-negative numbers (nearest-rank percentiles)."""
+
+    count: int
+    minimum: float
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    maximum: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution | None:
+        if not values:
+            return None
+        ordered = sorted(values)
+
+        def rank(p: float) -> float:
+            return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+        return cls(len(ordered), ordered[0], sum(ordered) / len(ordered), rank(50), rank(90), rank(99), ordered[-1])
+
+    def describe(self) -> str:
+        return (
+            f"min {self.minimum:g}, mean {self.mean:.2f}, p50 {self.p50:g}, p90 {self.p90:g}, "
+            f"p99 {self.p99:g}, max {self.maximum:g}"
+        )
+
+
+@attrs.frozen
+class SplitValidation:
+    """The outcome for one JSONL file."""
+
+    key: str  # data.train_jsonl / data.val_jsonl
+    path: Path
+    records: int
+    problems: tuple[DataProblem | str, ...]
+    bbox_objects: int = 0
+    poly_objects: int = 0
+    objects_per_image: Distribution | None = None
+    lengths: Distribution | None = None
+    lengths_note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@attrs.frozen
+class DatasetValidation:
+    splits: tuple[SplitValidation, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.splits)
+
+    @property
+    def problem_count(self) -> int:
+        return sum(len(s.problems) for s in self.splits)
+
+
+def validate_split(
+    key: str,
+    path: Path,
+    *,
+    image_root: Path | None,
+    max_pixels: int,
+    ordering: Ordering,
+    bbox_only: bool,
+    max_length: int,
+    artifacts: ArtifactStore,
+    images: ImageStore,
+    sample_lengths: SampleLengths | None = None,
+    workers: int = DEFAULT_CHECK_WORKERS,
+) -> SplitValidation:
+    """All loader checks on one JSONL file; never raises for data problems (they are collected)."""
+    try:
+        lines = [(line.number, line.text) for line in artifacts.read_lines(path)]
+    except ArtifactError as exc:
+        return SplitValidation(key, path, 0, (f"{key}: {exc}",))
+    record_set, contract = validate_jsonl_records(
+        lines, str(path), max_pixels=max_pixels, bbox_only=bbox_only, ordering=ordering
+    )
+    problems: list[DataProblem | str] = list(contract)
+    problems += image_problems(record_set, image_root_for(path, image_root), images, workers=workers)
+    lengths: Distribution | None = None
+    note = "not computed (no sample-length function: configure a model to measure token lengths)"
+    if sample_lengths is not None:
+        values = list(sample_lengths(record_set))
+        if len(values) != len(record_set):
+            raise InvariantViolation(f"sample_lengths returned {len(values)} lengths for {len(record_set)} records")
+        for record, n in zip(record_set, values):
+            if n > max_length:
+                problems.append(
+                    DataProblem(record.source, record.line, "", f"sample length {n} exceeds training.max_length = {max_length}")
+                )
+        lengths = Distribution.of(values)
+        note = ""
+    problems.sort(key=lambda p: (p.line, p.field) if isinstance(p, DataProblem) else (0, ""))
+    per_image = [len(r.objects) for r in record_set]
+    return SplitValidation(
+        key, path, len(record_set), tuple(problems), record_set.num_bbox_objects, record_set.num_poly_objects,
+        Distribution.of(per_image), lengths, note,
+    )
+
+
+def validate_dataset(
+    config: Any,
+    *,
+    artifacts: ArtifactStore,
+    images: ImageStore,
+    sample_lengths: SampleLengths | None = None,
+) -> DatasetValidation:
+    """§9.9 on the typed config (``application.config.schema.CoordExpConfig``)."""
+    data = config.data
+    targets = [(k, p) for k, p in (("data.train_jsonl", data.train_jsonl), ("data.val_jsonl", data.val_jsonl)) if p]
+    if not targets:
+        raise ConfigError("validate_dataset needs data.train_jsonl and/or data.val_jsonl")
+    splits = tuple(
+        validate_split(
+            key, Path(path), image_root=data.image_root, max_pixels=data.max_pixels, ordering=data.ordering,
+            bbox_only=config.prompt.variant == "bbox_only", max_length=config.training.max_length,
+            artifacts=artifacts, images=images, sample_lengths=sample_lengths,
+        )
+        for key, path in targets
+    )
+    return DatasetValidation(splits)
+
+
+def report_text(result: DatasetValidation) -> str:
+    """Every problem, one per line, then the statistics of each file."""
+    out: list[str] = []
+    for split in result.splits:
+        out.append(f"{split.key}: {split.path}: {split.records} valid records, {len(split.problems)} problems")
+        out.extend(f"  {p}" for p in split.problems)
+        out.append(f"  objects: {split.bbox_objects} bbox_2d, {split.poly_objects} poly")
+        if split.objects_per_image is not None:
+            out.append(f"  objects per image: {split.objects_per_image.describe()}")
+        if split.lengths is not None:
+            out.append(f"  sample lengths: {split.lengths.describe()}")
+        elif split.lengths_note:
+            out.append(f"  sample lengths: {split.lengths_note}")
+    verdict = "OK" if result.ok else f"FAILED with {result.problem_count} problems"
+    out.append(f"validate_dataset: {verdict}")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m application.validate_dataset --config FILE``: exit 0 when clean, 1 otherwise."""
+    from application import wiring
+    from application.cli import parse_config_argument
+    from application.config import load_config
+
+    config_path = parse_config_argument(list(sys.argv[1:] if argv is None else argv), PROG)
+    try:
+        config = load_config(config_path).config
+        # Token lengths need the model's processor; the sample-encoder wiring provides them when present.
+        factory = getattr(wiring, "make_sample_lengths", None)
+        sample_lengths = factory(config) if (factory is not None and config.model is not None) else None
+        result = validate_dataset(
+            config, artifacts=wiring.make_artifact_store(), images=wiring.make_image_store(),
+            sample_lengths=sample_lengths,
+        )
+    except InvariantViolation:
+        raise
+    except CoordExpError as exc:
+        print(f"validate_dataset: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(report_text(result))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
