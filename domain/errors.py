@@ -142,32 +142,13 @@ class ConversionError(CoordExpError):
     """The offline converter cannot proceed: its source annotations or settings break a rule (data.md §9)."""
 
 
-class OverLengthError(DataContractError):
-    """Samples longer than ``training.max_length`` (data.md §6.5): listed as ``<file>:<line> length=L``.
+class GenerationError(CoordExpError):
+    """Generating one sample failed (backend exception, transport failure, server error, missing log-probs).
 
-    ``entries`` are ``(file, line, length)``; at most 20 are listed, then ``... and N more``.
-    Samples are never truncated, so the message names the mitigations.
+    ``index`` is the sample's 0-based input index when known. Under ``infer.on_generation_error: raise``
+    it propagates; under ``record`` the sample becomes a ``generation_failed`` record.
     """
 
-    def __init__(
-        self,
-        entries: Sequence[tuple[str, int, int]],
-        max_length: int,
-        *,
-        limit: int = MAX_LISTED_PROBLEMS,
-    ) -> None:
-        self.entries: tuple[tuple[str, int, int], ...] = tuple(entries)
-        self.max_length = max_length
-        header = (
-            f"{len(self.entries)} sample(s) longer than training.max_length = {max_length} "
-            "(samples are never truncated):"
-        )
-        lines = [header]
-        lines += [f"{file}:{line} length={length}" for file, line, length in self.entries[:limit]]
-        if len(self.entries) > limit:
-            lines.append(f"... and {len(self.entries) - limit} more")
-        lines.append(
-            "Mitigations: raise training.max_length, lower data.max_pixels and re-convert the data, "
-            "or set data.convert.max_objects."
-        )
-        super().__init__("\n".join(lines))
+    def __init__(self, message: str, *, index: int | None = None) -> None:
+        self.index = index
+        super().__init__(message)

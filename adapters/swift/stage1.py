@@ -1,0 +1,712 @@
+"""Stage-1 training through ms-swift's trainer (D12; stage1.md §1.6).
+
+ms-swift's ``Seq2SeqTrainer`` (a transformers ``Trainer``) runs the loop, the optimizer, checkpoints,
+DDP / DeepSpeed and logging callbacks. This adapter supplies the dataset (our encoder, our pack plan),
+the collator (extras beside the batch), the loss (our kernel, our normalisation R1-R7) and the callbacks
+(one ``logging.jsonl`` writer, TensorBoard, checkpoint completion markers). No upstream file is patched;
+the engine knobs of stage1.md §1.6 are set and asserted at startup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from adapters.hf.checkpoint import check_processor
+from adapters.hf.encoding import HFSampleEncoder
+from adapters.hf.tokenizer import HFTokenizer
+from adapters.storage.atomic import write_text_atomically as atomic_write_text
+from adapters.torch.collator import ProjectCollator, TrainItem, model_rope_index
+from adapters.torch.coord_loss import CoordLossKernel, CoordLossResult, lambda_for_backward
+from adapters.torch.step_context import StepContext, pop_step_context
+from domain.coord_tokens import CoordIdTable, vocabulary_additions
+from domain.coordjson import render
+from domain.errors import SetupError, StepError
+from domain.losses import CoordLossSettings, objective_metric_updates
+from domain.metrics_registry import REGISTRY, MetricAccumulator, MetricLayout, Mode
+from domain.objects import DetObject, Ordering
+from domain.ordering import shuffled_objects
+from domain.packing import PackingSettings, plan_packs
+from domain.prompts import PromptTexts, build_prompt
+from domain.records import Record
+from ports.metrics import MetricSink
+from ports.tokenizer import ChatSample, SampleOrigin
+from ports.training import TrainingJob, TrainingOutcome
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+BOOKKEEPING_KEYS = ("global_step", "max_steps", "epoch", "time", "elapsed_s")
+# The trainer's end-of-training summary is not a metric event (it restates the run, not a window).
+_SUMMARY_KEYS = frozenset(
+    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
+)
+# Keys the transformers loop logs on its own that the registry names under its own spelling.
+_ENGINE_KEYS = frozenset({"loss", "grad_norm", "learning_rate", "epoch"})
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("USE_HF", "1")
+    os.environ.setdefault("MODELSCOPE_OFFLINE", "1")
+
+
+# -------------------------------------------------------------------------------------------------
+# Dataset
+
+
+@attrs.frozen
+class SampleSource:
+    """What one training sample is made of before encoding."""
+
+    record: Record
+    record_index: int
+    image_path: str
+
+
+class Stage1Dataset(torch.utils.data.Dataset[Any]):
+    """Items are single samples (padded batches) or packs (lists of samples, one per micro-batch).
+
+    ``ordering: random`` shuffles objects per (run.seed, epoch, record_index); the epoch travels in the
+    item index (``index = epoch * len + i``) so it survives dataloader worker processes (data.md §2.5).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[SampleSource],
+        units: Sequence[Sequence[int]] | None,
+        encoder: HFSampleEncoder,
+        prompt: PromptTexts,
+        config: Any,
+    ) -> None:
+        self.sources = list(sources)
+        self.units = [list(u) for u in units] if units is not None else None
+        self.encoder = encoder
+        self.prompt = prompt
+        self.field_order = config.data.field_order
+        self.coord_mode = config.data.coord_mode
+        self.ordering = config.data.ordering
+        self.seed = int(config.run.seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.units) if self.units is not None else len(self.sources)
+
+    def objects_for(self, i: int, epoch: int) -> tuple[DetObject, ...]:
+        src = self.sources[i]
+        if self.ordering is Ordering.RANDOM:
+            return tuple(shuffled_objects(src.record.objects, self.seed, epoch, src.record_index))
+        return src.record.objects
+
+    def item(self, i: int, epoch: int) -> TrainItem:
+        src = self.sources[i]
+        objects = self.objects_for(i, epoch)
+        chat = ChatSample(
+            prompt=self.prompt,
+            image_path=src.image_path,
+            width=src.record.width,
+            height=src.record.height,
+            target=render(objects, self.field_order, self.coord_mode),
+            origin=SampleOrigin(source=src.record.source, line=src.record.line, record_index=src.record_index),
+        )
+        return TrainItem(self.encoder.encode_sample(chat), objects)
+
+    def __getitem__(self, index: int) -> Any:
+        if self.units is None:
+            return self.item(index, self.epoch)
+        return [self.item(i, self.epoch) for i in self.units[index]]
+
+
+def _chat_sample(src: SampleSource, prompt: PromptTexts, objects: Sequence[DetObject], config: Any) -> ChatSample:
+    return ChatSample(
+        prompt=prompt,
+        image_path=src.image_path,
+        width=src.record.width,
+        height=src.record.height,
+        target=render(objects, config.data.field_order, config.data.coord_mode),
+        origin=SampleOrigin(source=src.record.source, line=src.record.line, record_index=src.record_index),
+    )
+
+
+def build_sources(records: Sequence[Record], images: Sequence[Path]) -> list[SampleSource]:
+    if len(records) != len(images):
+        raise SetupError(f"{len(records)} records but {len(images)} image paths")
+    return [SampleSource(record=r, record_index=i, image_path=str(p)) for i, (r, p) in enumerate(zip(records, images))]
+
+
+def plan_units(
+    sources: Sequence[SampleSource],
+    encoder: HFSampleEncoder,
+    prompt: PromptTexts,
+    config: Any,
+    *,
+    packing: bool,
+) -> list[list[int]] | None:
+    """The static pack plan (data.md §8.2) over lengths computed without decoding images (§6.5)."""
+    training = config.training
+    samples = [_chat_sample(s, prompt, s.record.objects, config) for s in sources]
+    lengths = encoder.checked_lengths(samples, training.max_length)
+    if not packing:
+        return None
+    plan = plan_packs(
+        lengths,
+        PackingSettings(
+            max_length=training.max_length,
+            packing_buffer=training.packing_buffer,
+            packing_min_fill_ratio=training.packing_min_fill_ratio,
+            packing_drop_last=training.packing_drop_last,
+        ),
+        seed=int(config.run.seed),
+        locations=[f"{s.record.source}:{s.record.line}" for s in sources],
+    )
+    return [list(p.members) for p in plan.packs]
+
+
+# -------------------------------------------------------------------------------------------------
+# Window pre-pass (R6)
+
+
+def window_counts(batches: Sequence[Mapping[str, Any]], coord_mask: torch.Tensor) -> torch.Tensor:
+    """``[N_step, C_step, T_step]`` over the window's labels, before any forward (stage1.md R6)."""
+    n = c = t = 0
+    for batch in batches:
+        labels = batch["labels"]
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        safe = targets.clamp_min(0)
+        is_coord = coord_mask.to(labels.device)[safe] & supervised
+        t += int(supervised.sum())
+        c += int(is_coord.sum())
+    n = t - c
+    return torch.tensor([n, c, t], dtype=torch.float64)
+
+
+def window_sample_ids(batches: Sequence[Mapping[str, Any]]) -> list[str]:
+    ids: list[str] = []
+    for batch in batches:
+        meta = batch.get("instability_meta_json")
+        if isinstance(meta, str):
+            for row in json.loads(meta):
+                ids.extend(f"{s['source']}:{s['line']}" for s in row.get("samples", []))
+    return ids
+
+
+# -------------------------------------------------------------------------------------------------
+# Trainer
+
+
+def _make_trainer_class() -> type:
+    from swift import Seq2SeqTrainer
+    from swift.trainers.patcher import PrinterCallbackNew, ProgressCallbackNew
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class CoordExpStage1Trainer(Seq2SeqTrainer):  # type: ignore[misc, valid-type]
+        """ms-swift's trainer with the project's collator, loss, normalisation and logging."""
+
+        def __init__(self, *args: Any, coordexp: Stage1Runtime, **kwargs: Any) -> None:
+            self.coordexp = coordexp
+            super().__init__(*args, **kwargs)
+            # One logging.jsonl writer (ours): drop ms-swift's writers, keep a plain progress bar.
+            self.remove_callback(ProgressCallbackNew)
+            self.remove_callback(PrinterCallbackNew)
+            self.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
+            self._window = torch.zeros(3, dtype=torch.float64)
+            self._window_ids: list[str] = []
+            self.coordexp.check_engine(self)
+
+        def _get_data_collator(self, args: Any, template: Any) -> Any:
+            return self.coordexp.collator
+
+        # R6: counts over the whole window before its first forward, all-reduced once per step.
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
+            batch_samples: list[Any] = []
+            for _ in range(num_batches):
+                try:
+                    batch_samples.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            counts = window_counts(batch_samples, self.coordexp.coord_mask)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                reduced = counts.to(self.args.device)
+                torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+                counts = reduced.cpu()
+            self._window = counts
+            self._window_ids = window_sample_ids(batch_samples)
+            # A non-None count keeps transformers from dividing the loss by the accumulation steps.
+            return batch_samples, torch.tensor(int(counts[2]), device=device)
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            inputs.pop("compute_loss_func", None)
+            ctx = pop_step_context(inputs)
+            if "logits_to_keep" in inputs:
+                raise StepError("logits_to_keep reached the model: Stage-1 needs full-length logits")
+            seq_len = int(inputs["input_ids"].shape[1])
+            outputs = model(**inputs)
+            if outputs.logits is not None and int(outputs.logits.shape[1]) != seq_len:
+                raise StepError(
+                    f"sliced logits: {list(outputs.logits.shape)} for input_ids of length {seq_len} "
+                    f"at global_step={self.state.global_step}"
+                )
+            result = self.coordexp.loss(outputs.logits, ctx, self.state.global_step)
+            if model.training:
+                n_step, c_step, t_step = (int(v) for v in self._window.tolist())
+                if not result.distributional:
+                    n_step = t_step
+                lam = lambda_for_backward(result, n_step, c_step, self.coordexp.world_size)
+                if not bool(torch.isfinite(lam.detach())):
+                    raise StepError(
+                        f"non-finite loss at global_step={self.state.global_step + 1} for samples "
+                        f"{self._window_ids or self.coordexp.describe(ctx)}"
+                    )
+            else:
+                lam = result.sum_ce.detach() + result.sum_coord.detach()
+            self.coordexp.record_metrics(result, ctx, train=bool(model.training))
+            return (lam, outputs) if return_outputs else lam
+
+        def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            self.coordexp.spy_backward_input = None
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def _maybe_log_save_evaluate(self, tr_loss: Any, grad_norm: Any, *args: Any, **kwargs: Any) -> Any:
+            if grad_norm is not None:
+                value = float(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm)
+                if not math.isfinite(value):
+                    raise StepError(
+                        f"non-finite gradient norm at global_step={self.state.global_step} for samples "
+                        f"{self._window_ids}"
+                    )
+            return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if any(k in logs for k in _SUMMARY_KEYS):
+                return super().log(logs, *args, **kwargs)
+            is_eval = any(k.startswith("eval_") for k in logs)
+            logs.update(self.coordexp.flush_metrics(train=not is_eval))
+            super().log(logs, *args, **kwargs)
+            self.coordexp.write_log_event(logs, self.state)
+
+        def evaluate(
+            self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+        ) -> dict[str, float]:
+            """R5: eval_loss from sums and counts over the whole eval set (not a mean of batch means)."""
+            dataloader = self.get_eval_dataloader(eval_dataset)
+            model = self.model
+            was_training = model.training
+            model.eval()
+            sums = torch.zeros(2, dtype=torch.float64)
+            counts = torch.zeros(2, dtype=torch.float64)
+            with torch.no_grad():
+                for batch in dataloader:
+                    batch = self._prepare_inputs(batch)
+                    batch.pop("compute_loss_func", None)
+                    ctx = pop_step_context(batch)
+                    outputs = model(**batch)
+                    result = self.coordexp.loss(outputs.logits, ctx, self.state.global_step)
+                    sums += torch.tensor([float(result.sum_ce), float(result.sum_coord)], dtype=torch.float64)
+                    counts += torch.tensor([result.ce_count, result.num_coord], dtype=torch.float64)
+                    self.coordexp.record_metrics(result, ctx, train=False)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                both = torch.cat([sums, counts]).to(self.args.device)
+                torch.distributed.all_reduce(both)
+                sums, counts = both[:2].cpu(), both[2:].cpu()
+            eval_loss = float(sums[0] / max(1.0, float(counts[0])) + sums[1] / max(1.0, float(counts[1])))
+            metrics = {f"{metric_key_prefix}_loss": eval_loss}
+            metrics.update(self.coordexp.flush_metrics(train=False))
+            if was_training:
+                model.train()
+            self.log(dict(metrics))
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            super()._save_checkpoint(model, trial)
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save and folder.is_dir():
+                self.coordexp.complete_checkpoint(folder, self.state)
+
+    return CoordExpStage1Trainer
+
+
+# -------------------------------------------------------------------------------------------------
+# Runtime: loss, metrics, logging, checkpoint completion
+
+
+@attrs.define
+class Stage1Runtime:
+    """The project's parts the trainer calls into; kept out of the trainer class so they are testable."""
+
+    coord_table: CoordIdTable
+    kernel: CoordLossKernel
+    collator: ProjectCollator
+    coord_mask: torch.Tensor
+    run_dir: Path
+    max_steps: int
+    sink: MetricSink
+    resolved_config_path: Path
+    processor: Any
+    world_size: int = 1
+    token_type_metrics: bool = False
+    train_acc: MetricAccumulator = attrs.field(init=False)
+    eval_acc: MetricAccumulator = attrs.field(init=False)
+    step_losses: list[float] = attrs.field(factory=list)
+    spy_backward_input: Any = None
+    _start: float = attrs.field(factory=lambda: __import__("time").time())
+
+    def __attrs_post_init__(self) -> None:
+        self.train_acc = MetricAccumulator(MetricLayout.for_mode(Mode.TRAIN, "stage1"), Mode.TRAIN)
+        self.eval_acc = MetricAccumulator(MetricLayout.for_mode(Mode.EVAL, "stage1"), Mode.EVAL)
+
+    # --- startup checks of stage1.md §1.6
+    def check_engine(self, trainer: Any) -> None:
+        args = trainer.args
+        if args.n_gpu > 1:
+            raise SetupError(
+                "args.n_gpu > 1 (single-process DataParallel) is unsupported: launch one process per GPU (torchrun)"
+            )
+        if not trainer.model_accepts_loss_kwargs:
+            raise SetupError("the trainer would divide the loss by gradient_accumulation_steps (stage1.md §1.6)")
+        if not getattr(args, "average_tokens_across_devices", True):
+            raise SetupError("average_tokens_across_devices must be true (stage1.md §1.6)")
+        if args.remove_unused_columns:
+            raise SetupError("remove_unused_columns must be false so batch extras reach compute_loss")
+        if getattr(args, "use_logits_to_keep", None) is not False:
+            raise SetupError("use_logits_to_keep must be false: Stage-1 needs full-length logits (stage1.md §1.6)")
+        if getattr(args, "use_liger_kernel", False):
+            raise SetupError("use_liger_kernel trims logits and is forbidden on Stage-1 (stage1.md §1.6)")
+
+    def loss(self, logits: Any, ctx: StepContext, global_step: int) -> CoordLossResult:
+        labels = ctx.labels
+        if logits is None:
+            raise StepError(
+                f"Stage-1 loss failed at global_step={global_step}: the model returned no logits; "
+                "refusing to train without coord supervision"
+            )
+        if labels is None or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+            raise StepError(f"Stage-1 loss failed at global_step={global_step}: labels missing or not [B, L]")
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(labels.shape) or (
+            logits.shape[2] < self.coord_table.max_id + 1
+        ):
+            raise StepError(
+                f"Stage-1 loss failed at global_step={global_step}: logits {list(logits.shape)} do not cover "
+                f"labels {list(labels.shape)} with every coord id (need [B, L, >= {self.coord_table.max_id + 1}]); "
+                "sliced logits or a fused CE kernel are forbidden"
+            )
+        try:
+            return self.kernel(logits, labels)
+        except StepError:
+            raise
+        except Exception as exc:
+            raise StepError(
+                f"Stage-1 loss failed at global_step={global_step}: {exc}; refusing to train without coord supervision"
+            ) from exc
+
+    def describe(self, ctx: StepContext) -> str:
+        return ctx.instability_meta_json or "<unknown samples>"
+
+    def record_metrics(self, result: CoordLossResult, ctx: StepContext, *, train: bool) -> None:
+        acc = self.train_acc if train else self.eval_acc
+        acc.extend(
+            objective_metric_updates(
+                result.micro_batch_sums(), result.coord_block_sums(), self.kernel.settings, ctx.samples_in_batch()
+            )
+        )
+
+    def flush_metrics(self, *, train: bool) -> dict[str, float]:
+        acc = self.train_acc if train else self.eval_acc
+        sum_vec, max_vec = acc.vectors()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank enters both collectives at every log event (stage1.md §3.1.3, §6.5).
+            s_t, m_t = torch.as_tensor(sum_vec), torch.as_tensor(max_vec)
+            torch.distributed.all_reduce(s_t, op=torch.distributed.ReduceOp.SUM)
+            torch.distributed.all_reduce(m_t, op=torch.distributed.ReduceOp.MAX)
+            sum_vec, max_vec = s_t.numpy(), m_t.numpy()
+        values = acc.layout.finalize(sum_vec, max_vec)
+        acc.reset()
+        if train:
+            return {k: v for k, v in values.items() if k not in _ENGINE_KEYS}
+        return {("eval_" + k if not k.startswith("eval_") else k): v for k, v in values.items()}
+
+    def write_log_event(self, logs: Mapping[str, Any], state: Any) -> None:
+        import datetime as _dt
+        import time
+
+        event: dict[str, Any] = {
+            "global_step": int(state.global_step),
+            "max_steps": int(self.max_steps),
+            "epoch": float(state.epoch or 0.0),
+            "time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "elapsed_s": time.time() - self._start,
+        }
+        for key, value in logs.items():
+            if key in BOOKKEEPING_KEYS or key in event:
+                continue
+            if not REGISTRY.is_registered(key):
+                warn_once(f"metric key {key!r} is not in the metric registry; dropped from logging.jsonl")
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                event[key] = float(value)
+        if "loss" in event and not any(k.startswith("eval_") for k in event):
+            self.step_losses.append(event["loss"])
+        self.sink.log(event)
+
+    def complete_checkpoint(self, folder: Path, state: Any) -> None:
+        import datetime as _dt
+
+        self.processor.save_pretrained(str(folder))
+        table = {tok: int(i) for tok, i in zip(vocabulary_additions()[1:], self.coord_table.ids)}
+        if self.coord_table.wildcard_id is not None:
+            table = {vocabulary_additions()[0]: int(self.coord_table.wildcard_id), **table}
+        atomic_write_text(folder / "coord_tokens.json", json.dumps(table, indent=2) + "\n")
+        atomic_write_text(folder / "resolved_config.json", self.resolved_config_path.read_text())
+        files = sorted(
+            ({"name": str(p.relative_to(folder)), "bytes": p.stat().st_size} for p in folder.rglob("*") if p.is_file()),
+            key=lambda f: f["name"],
+        )
+        marker = {
+            "schema_version": 1,
+            "global_step": int(state.global_step),
+            "epoch": float(state.epoch or 0.0),
+            "written_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "files": files,
+        }
+        atomic_write_text(folder / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+# -------------------------------------------------------------------------------------------------
+# Engine
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories that carry the completion marker, oldest first (others are ignored)."""
+    found = [p for p in run_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _freeze(model: Any, training: Any) -> None:
+    """Full fine-tuning knobs: freeze the vision tower / aligner / language model as configured."""
+    for name, param in model.named_parameters():
+        is_visual = ".visual." in f".{name}" or name.startswith("visual.")
+        is_aligner = is_visual and ("merger" in name)
+        if is_aligner:
+            param.requires_grad_(not training.freeze_aligner)
+        elif is_visual:
+            param.requires_grad_(not training.freeze_vit)
+        else:
+            param.requires_grad_(not training.freeze_llm)
+
+
+def optimizer_groups(model: Any, training: Any) -> list[dict[str, Any]]:
+    """stage1.md §7.2 groups 3: vision / aligner / language model, each split into decay and no-decay."""
+    groups: dict[tuple[str, bool], list[Any]] = {}
+    lrs = {
+        "vit": training.vit_lr or training.learning_rate,
+        "aligner": training.aligner_lr or training.learning_rate,
+        "llm": training.learning_rate,
+    }
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        is_visual = ".visual." in f".{name}" or name.startswith("visual.")
+        part = ("aligner" if "merger" in name else "vit") if is_visual else "llm"
+        no_decay = param.dim() < 2 or name.endswith(".bias") or "norm" in name.lower()
+        groups.setdefault((part, no_decay), []).append(param)
+    out = []
+    for (part, no_decay), params in groups.items():
+        out.append({"params": params, "lr": lrs[part], "weight_decay": 0.0 if no_decay else training.weight_decay})
+    return out
+
+
+@attrs.define
+class SwiftStage1Engine:
+    """The TrainingEngine for ``objective.trainer_variant: stage1``.
+
+    ``callbacks`` are extra transformers ``TrainerCallback`` objects (diagnostics, conformance tests).
+    """
+
+    callbacks: Sequence[Any] = ()
+
+    def run(self, job: TrainingJob) -> TrainingOutcome:
+        _offline_env()
+        from swift import Seq2SeqTrainingArguments, get_model_processor, get_template
+
+        config = job.config
+        training = config.training
+        torch.manual_seed(int(config.run.seed))
+        dtype = _torch_dtype(config.model.dtype)
+        attn = config.model.attn_implementation
+        model, processor = get_model_processor(
+            str(job.model_path),
+            torch_dtype=dtype,
+            model_type="qwen3_vl",
+            use_hf=True,
+            download_model=False,
+            attn_impl=None if attn == "auto" else attn,
+        )
+        check_processor(processor, job.model_path)
+        tokenizer = HFTokenizer(processor.tokenizer)
+        coord_table = tokenizer.coord_ids
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        coord_table.check_vocab_size(vocab)
+        encoder = HFSampleEncoder(processor, tokenizer)
+        template = get_template(processor, template_type="qwen3_vl", max_length=training.max_length)
+        # ms-swift's Qwen-VL template carries Qwen's real image/video ids; ours come from the processor.
+        template.image_token_id = int(processor.image_token_id)
+        template.video_token_id = int(getattr(processor, "video_token_id", processor.image_token_id))
+        template.set_mode("train")
+        template.model = model
+        _freeze(model, training)
+        if training.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+
+        c = config.objective.coord_soft_ce_w1
+        settings = CoordLossSettings(
+            enabled=c.enabled,
+            ce_weight=c.ce_weight,
+            soft_ce_weight=c.soft_ce_weight,
+            w1_weight=c.w1_weight,
+            gate_weight=c.gate_weight,
+            temperature=c.temperature,
+            target_sigma=c.target_sigma,
+            target_truncate=c.target_truncate,
+        )
+        prompt = build_prompt(
+            config.prompt.variant,
+            config.data.coord_mode,
+            config.data.ordering,
+            config.data.field_order,
+            system_override=config.prompt.system,
+            user_override=config.prompt.user,
+        )
+        train_sources = build_sources(job.train_records, job.train_images)
+        units = plan_units(train_sources, encoder, prompt, config, packing=training.packing)
+        train_ds = Stage1Dataset(train_sources, units, encoder, prompt, config)
+        eval_ds = None
+        if job.val_records:
+            val_sources = build_sources(job.val_records, job.val_images or ())
+            eval_units = plan_units(val_sources, encoder, prompt, config, packing=training.eval_packing)
+            eval_ds = Stage1Dataset(val_sources, eval_units, encoder, prompt, config)
+
+        typer = None
+        tt = config.objective.token_type_metrics
+        if tt.enabled:
+            raise SetupError(
+                "objective.token_type_metrics.enabled: the Stage-1 engine does not emit the token/type metric "
+                "family yet; set it to false"
+            )
+        monitor = config.objective.instability_monitor
+        collator = ProjectCollator(
+            pad_id=tokenizer.pad_id,
+            rope_index=model_rope_index(model),
+            token_typer=typer,
+            max_meta_samples=int(monitor.max_meta_samples),
+        )
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        max_steps = int(training.max_steps) if training.max_steps else -1
+        args = Seq2SeqTrainingArguments(
+            output_dir=str(job.run_dir),
+            max_steps=max_steps,
+            num_train_epochs=float(training.num_train_epochs),
+            per_device_train_batch_size=1 if training.packing else training.per_device_train_batch_size,
+            per_device_eval_batch_size=1 if training.eval_packing else training.per_device_eval_batch_size,
+            gradient_accumulation_steps=_grad_accum(training, world_size),
+            learning_rate=training.learning_rate,
+            weight_decay=training.weight_decay,
+            lr_scheduler_type=training.lr_scheduler_type,
+            warmup_ratio=training.warmup_ratio,
+            max_grad_norm=training.max_grad_norm,
+            logging_steps=training.logging_steps,
+            eval_strategy=training.eval_strategy if eval_ds is not None else "no",
+            eval_steps=training.eval_steps,
+            save_strategy=training.save_strategy,
+            save_steps=training.save_steps,
+            save_total_limit=training.save_total_limit,
+            save_only_model=training.save_only_model,
+            metric_for_best_model=training.metric_for_best_model,
+            greater_is_better=training.greater_is_better,
+            load_best_model_at_end=False,
+            report_to=list(training.report_to),
+            logging_dir=str(job.run_dir / "tensorboard"),
+            seed=int(config.run.seed),
+            data_seed=int(config.run.seed),
+            dataloader_num_workers=training.dataloader_num_workers,
+            dataloader_drop_last=training.dataloader_drop_last,
+            remove_unused_columns=False,
+            label_names=["labels"],
+            prediction_loss_only=True,
+            average_tokens_across_devices=True,
+            bf16=config.model.dtype == "bfloat16" and torch.cuda.is_available(),
+            fp16=config.model.dtype == "float16" and torch.cuda.is_available(),
+            deepspeed=str(training.deepspeed) if training.deepspeed else None,
+            gradient_checkpointing=training.gradient_checkpointing,
+            disable_tqdm=False,
+            check_model=False,
+            use_cpu=not torch.cuda.is_available(),
+            use_logits_to_keep=False,
+        )
+        runtime = Stage1Runtime(
+            coord_table=coord_table,
+            kernel=CoordLossKernel(coord_table, settings),
+            collator=collator,
+            coord_mask=torch.as_tensor(coord_table.mask(vocab)),
+            run_dir=job.run_dir,
+            max_steps=max_steps,
+            sink=job.metric_sink,
+            resolved_config_path=job.resolved_config_path,
+            processor=processor,
+            world_size=world_size,
+            token_type_metrics=tt.enabled,
+        )
+        trainer_cls = _make_trainer_class()
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            template=template,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            coordexp=runtime,
+        )
+        for callback in self.callbacks:
+            trainer.add_callback(callback)
+        groups = optimizer_groups(model, training)
+        trainer.optimizer = torch.optim.AdamW(groups, lr=training.learning_rate)
+        resume = str(job.resume_from) if job.resume_from is not None else None
+        trainer.train(resume_from_checkpoint=resume)
+        checkpoints = complete_checkpoints(job.run_dir)
+        return TrainingOutcome(
+            global_step=int(trainer.state.global_step),
+            step_losses=tuple(runtime.step_losses),
+            last_checkpoint=checkpoints[-1] if checkpoints else None,
+        )
+
+
+def _grad_accum(training: Any, world_size: int) -> int:
+    if training.gradient_accumulation_steps is not None:
+        return int(training.gradient_accumulation_steps)
+    if training.effective_batch_size is not None:
+        per = 1 if training.packing else training.per_device_train_batch_size
+        return max(1, math.ceil(training.effective_batch_size / (per * world_size)))
+    return 1

