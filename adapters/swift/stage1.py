@@ -517,6 +517,23 @@ def _freeze(model: Any, training: Any) -> None:
             param.requires_grad_(not training.freeze_llm)
 
 
+def apply_lora(model: Any, lora: Any) -> Any:
+    """``training.lora``: LoRA / DoRA adapters through peft (what ms-swift's tuners use); base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(lora.target_modules)
+    peft_config = LoraConfig(
+        r=int(lora.rank),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_dora=bool(lora.use_dora),
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
 def optimizer_groups(model: Any, training: Any) -> list[dict[str, Any]]:
     """stage1.md §7.2 groups 3: vision / aligner / language model, each split into decay and no-decay."""
     groups: dict[tuple[str, bool], list[Any]] = {}
@@ -581,6 +598,17 @@ class SwiftStage1Engine:
         _freeze(model, training)
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if training.coord_offset.enabled:
+            raise SetupError(
+                "training.coord_offset.enabled: the Stage-1 engine does not attach the coord-offset adapter yet; "
+                "set it to false"
+            )
+        if config.objective.instability_monitor.enabled:
+            raise SetupError(
+                "objective.instability_monitor.enabled: the Stage-1 engine does not run the monitor yet; set it to false"
+            )
+        if training.lora.enabled:
+            model = apply_lora(model, training.lora)
 
         c = config.objective.coord_soft_ce_w1
         settings = CoordLossSettings(

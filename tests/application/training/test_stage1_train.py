@@ -213,3 +213,17 @@ def test_coord_loss_alone_moves_coord_rows_and_leaves_frozen_parts_identical(
     delta = (after[head_key] - before[head_key]).abs().sum(dim=1)
     assert float(delta[ids].sum()) > 0.0
     del tokenizer_vocab
+
+
+def test_lora_run_saves_an_adapter_and_leaves_base_weights_frozen(
+    shapes3_bbox: Path, make_config: Callable[..., Path]
+) -> None:
+    cfg = make_config(shapes3_bbox, training={"max_steps": 2, "save_strategy": "steps", "save_steps": 2,
+                                              "lora": {"enabled": True, "rank": 4, "alpha": 8}})
+    outcome = _run(cfg)
+    assert outcome.global_step == 2
+    ckpt = Path(load_config(cfg).config.run.output_dir) / "t" / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "adapter_config.json").is_file()
+    adapter = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    assert (ckpt / "checkpoint_complete.json").is_file()
