@@ -1,0 +1,716 @@
+"""The detection evaluator use case (infer-eval-config.md §4) and its entry point.
+
+``python -m application.evaluate --config FILE`` evaluates ``infer.gt_vs_pred_jsonl`` (or, with
+``eval.coco_results_json``, a COCO results file against ``eval.coco_gt_json``) and replaces
+``eval.output_dir`` with a fresh directory of outputs (§4.5).
+
+The use case receives its adapters (``CocoEvaluator``, ``TextEncoder``) as arguments; the concrete
+choice is made in :mod:`application.wiring`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from application.config.schema import EvalConfig
+from domain.errors import ArtifactError, ConfigError, ImageFileError
+from domain.evaluation import (
+    Category,
+    CategoryTable,
+    CocoEvaluation,
+    DescMapping,
+    EvalImage,
+    EvalSummary,
+    F1ishImage,
+    MappingRule,
+    PredScope,
+    ScoreMode,
+    Similarity,
+    assign_image_ids,
+    box_iou_matrix,
+    canonical_coco_gt,
+    canonical_coco_id,
+    categories_from_gt,
+    check_coco_iou_thrs,
+    check_f1ish_iou_thrs,
+    coco_prediction,
+    count_images,
+    empty_counters,
+    f1ish_image,
+    f1ish_scope_mask,
+    f1ish_summary,
+    has_polygon_segmentation,
+    join_official_images,
+    match_row,
+    matches_file_name,
+    needs_mask_iou,
+    normalize_desc,
+    parse_artifact_line,
+    per_image_entry,
+    prepare_record,
+    primary_f1ish_threshold,
+    rebuilt_coco_gt,
+    semantic_report,
+)
+from domain.objects import GeometryKind
+from domain.records import image_path_problem
+from ports.evaluation import CocoEvaluator, TextEncoder
+from ports.rendering import ImageRenderer, OverlayObject, OverlayRole, OverlayStyle
+from ports.storage import ImageStore
+
+PREPARE_CHUNK = 256
+OVERLAY_DIR = "overlays"
+Warn = Callable[[str], None]
+
+
+def warn_runtime(message: str) -> None:
+    """Diagnostics warn and continue (overlays are diagnostics, §2.3)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@attrs.frozen
+class OverlaySetup:
+    """What ``eval.overlay`` needs: the shared renderer (§5), an image reader, ``data.image_root``."""
+
+    renderer: ImageRenderer
+    images: ImageStore
+    image_root: Path | None = None
+    style: OverlayStyle = attrs.field(factory=OverlayStyle)
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic step (§4.2): one encoder, one normalisation, one threshold for COCO mapping and F1-ish
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class SemanticStep:
+    """The semantic step of a run: an encoder, or the reason it is off (recorded in ``meta.semantic``)."""
+
+    encoder: TextEncoder | None
+    disabled_reason: str | None = None
+
+    @classmethod
+    def off(cls, reason: str) -> SemanticStep:
+        return cls(None, reason)
+
+
+class EmbeddingSimilarity:
+    """Cosine similarity over unit-norm embeddings, each string encoded once per run."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self._encoder = encoder
+        self._cache: dict[str, npt.NDArray[np.float32]] = {}
+
+    def prime(self, texts: Sequence[str]) -> None:
+        """Encode every not-yet-seen string in one batch."""
+        missing = sorted({t for t in texts if t not in self._cache})
+        if not missing:
+            return
+        vectors = self._encoder.encode(missing)
+        if vectors.shape[0] != len(missing):
+            raise ArtifactError(
+                f"text encoder returned {vectors.shape[0]} embeddings for {len(missing)} texts"
+            )
+        for text, vec in zip(missing, vectors):
+            self._cache[text] = np.asarray(vec, dtype=np.float32)
+
+    def __call__(self, query: str, candidates: Sequence[str]) -> list[float]:
+        self.prime([query, *candidates])
+        matrix = np.stack([self._cache[c] for c in candidates]) if candidates else np.zeros((0, 1))
+        return [float(v) for v in matrix.astype(np.float64) @ self._cache[query].astype(np.float64)]
+
+
+# --------------------------------------------------------------------------------------------
+# Settings checks (config errors, before anything is read or written)
+# --------------------------------------------------------------------------------------------
+
+
+def check_settings(settings: EvalConfig) -> None:
+    """Cross-field rules of §4.3/§4.4/§4.6 the evaluator relies on; raises :class:`ConfigError`."""
+    problems = check_coco_iou_thrs(settings.iou_thrs) + check_f1ish_iou_thrs(settings.f1ish_iou_thrs)
+    if settings.coco_results_json is not None and settings.coco_gt_json is None:
+        problems.append("'eval.coco_gt_json' is required with 'eval.coco_results_json'")
+    for key, path in (
+        ("eval.coco_gt_json", settings.coco_gt_json),
+        ("eval.coco_results_json", settings.coco_results_json),
+    ):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"'{key}' names a file that does not exist: {path}")
+    sem = settings.semantic
+    if sem.enabled and sem.model_path is not None and not Path(sem.model_path).is_dir():
+        problems.append(
+            f"'eval.semantic.model_path' must be an existing local directory, got {str(sem.model_path)!r}"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the artifact (§4.1)
+# --------------------------------------------------------------------------------------------
+
+
+def read_artifact_records(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Strictly read ``gt_vs_pred.jsonl``: the records and their 1-based physical line numbers."""
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            texts = handle.readlines()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read the artifact {path}: {exc}") from exc
+    for number, text in enumerate(texts, start=1):
+        record = parse_artifact_line(text, str(path), number)
+        if record is not None:
+            records.append(record)
+            lines.append(number)
+    return records, lines
+
+
+def _prepare_chunk(
+    chunk: Sequence[tuple[dict[str, Any], int, int]], path: str, score_mode: ScoreMode
+) -> list[EvalImage]:
+    return [
+        prepare_record(rec, image_id=iid, path=path, line=ln, score_mode=score_mode) for rec, iid, ln in chunk
+    ]
+
+
+def prepare_images(path: Path, score_mode: ScoreMode, num_workers: int) -> list[EvalImage]:
+    """Every record as a validated :class:`EvalImage`, sorted by image_id (workers change nothing)."""
+    records, lines = read_artifact_records(path)
+    ids = assign_image_ids(records, str(path), lines)
+    items = list(zip(records, ids, lines))
+    chunks = [items[i : i + PREPARE_CHUNK] for i in range(0, len(items), PREPARE_CHUNK)]
+    images: list[EvalImage] = []
+    if num_workers > 0 and len(chunks) > 1:
+        # spawn, not fork: the pipeline may run this after torch started its threads
+        with ProcessPoolExecutor(
+            max_workers=num_workers, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            for part in pool.map(
+                _prepare_chunk, chunks, [str(path)] * len(chunks), [score_mode] * len(chunks)
+            ):
+                images.extend(part)
+    else:
+        for chunk in chunks:
+            images.extend(_prepare_chunk(chunk, str(path), score_mode))
+    return sorted(images, key=lambda im: im.image_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs (§4.5): a fresh sibling directory swapped in as a whole
+# --------------------------------------------------------------------------------------------
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def jsonl_text(rows: Sequence[Any]) -> str:
+    return "".join(
+        json.dumps(r, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n" for r in rows
+    )
+
+
+def per_class_csv(evaluation: CocoEvaluation, table: CategoryTable) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["category", "AP"])
+    for cat_id, ap in sorted(evaluation.per_class_ap):
+        writer.writerow([table.name_of(cat_id), "nan" if math.isnan(ap) else repr(float(ap))])
+    return buffer.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_file(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: Path) -> Iterator[Path]:
+    """A fresh sibling temp directory that replaces ``output_dir`` as a whole on success (§4.5).
+
+    Nothing from an earlier evaluation survives; on an exception the staging directory is removed
+    and ``output_dir`` is left as it was.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        yield staging
+        retired = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex}"
+        if output_dir.exists():
+            os.replace(output_dir, retired)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_best_effort(path: Path, text: str) -> bool:
+    """Write a diagnostic file; False (never an exception) when that fails."""
+    try:
+        _write_file(path, text)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The use case
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _CocoPart:
+    metrics: dict[str, float]
+    evaluations: tuple[CocoEvaluation, ...]
+    table: CategoryTable
+    gt_document: dict[str, Any] | None
+    predictions: list[dict[str, Any]]
+    mapping_counts: dict[str, int]
+    report: dict[str, Any] | None
+
+
+def _semantic_meta(settings: EvalConfig, step: SemanticStep) -> dict[str, Any]:
+    sem = settings.semantic
+    meta: dict[str, Any] = {
+        "enabled": step.encoder is not None,
+        "model_path": str(sem.model_path) if sem.model_path is not None else None,
+        "threshold": sem.threshold,
+    }
+    if step.encoder is None:
+        meta["disabled_reason"] = step.disabled_reason or "disabled"
+    return meta
+
+
+def _meta(
+    settings: EvalConfig, backend: str, gt_source: str, step: SemanticStep, images: int
+) -> dict[str, Any]:
+    return {
+        "coco_backend": backend,
+        "score_mode": settings.score_mode,
+        "gt_source": gt_source,
+        "semantic": _semantic_meta(settings, step),
+        "iou_thrs": list(settings.iou_thrs) if settings.iou_thrs is not None else None,
+        "f1ish_iou_thrs": list(settings.f1ish_iou_thrs),
+        "f1ish_pred_scope": settings.f1ish_pred_scope,
+        "images": images,
+    }
+
+
+def _run_coco(
+    images: Sequence[EvalImage],
+    settings: EvalConfig,
+    coco: CocoEvaluator,
+    similarity: Similarity | None,
+    official_gt: dict[str, Any] | None,
+    artifact: Path,
+) -> _CocoPart:
+    if official_gt is not None:
+        table = CategoryTable([_category(c) for c in official_gt["categories"]])
+        joined = join_official_images(
+            images, official_gt, artifact=str(artifact), gt_source=str(settings.coco_gt_json)
+        )
+        with_segm = settings.use_segm and has_polygon_segmentation(official_gt)
+        gt_document: dict[str, Any] = official_gt
+    else:
+        table = CategoryTable(categories_from_gt(images))
+        joined = {}
+        with_segm = settings.use_segm and any(o.kind is GeometryKind.POLY for im in images for o in im.gt)
+        gt_document = rebuilt_coco_gt(images, table, with_segmentation=with_segm)
+
+    if similarity is not None and isinstance(similarity, EmbeddingSimilarity):
+        similarity.prime(
+            [normalize_desc(c.name) for c in table.categories]
+            + [normalize_desc(p.desc) for im in images for p in im.preds]
+        )
+    mappings: dict[str, DescMapping] = {}
+    counts: dict[str, int] = {}
+    mapping_counts = {rule.value: 0 for rule in MappingRule}
+    per_image_preds: list[tuple[int, list[dict[str, Any]]]] = []
+    for image in images:
+        official = joined.get(image.image_id)
+        coco_id = int(official["id"]) if official is not None else image.image_id
+        scale = (
+            (float(official["width"]) / image.width, float(official["height"]) / image.height)
+            if official is not None
+            else None
+        )
+        rows: list[dict[str, Any]] = []
+        for pred in image.preds:
+            if pred.desc not in mappings:
+                mappings[pred.desc] = table.map_desc(pred.desc, similarity, settings.semantic.threshold)
+            counts[pred.desc] = counts.get(pred.desc, 0) + 1
+            mapping = mappings[pred.desc]
+            mapping_counts[mapping.rule.value] += 1
+            if mapping.category_id is None:
+                continue
+            rows.append(
+                coco_prediction(
+                    pred, coco_image_id=coco_id, category_id=mapping.category_id,
+                    with_segmentation=with_segm, scale=scale,
+                )
+            )  # fmt: skip
+        per_image_preds.append((coco_id, rows))
+    predictions = [row for _, rows in sorted(per_image_preds, key=lambda item: item[0]) for row in rows]
+
+    img_ids = sorted(int(o["id"]) for o in joined.values()) if official_gt is not None else None
+    evaluations = [
+        coco.evaluate(gt_document, predictions, "bbox", iou_thrs=settings.iou_thrs, img_ids=img_ids)
+    ]
+    if with_segm:
+        evaluations.append(
+            coco.evaluate(gt_document, predictions, "segm", iou_thrs=settings.iou_thrs, img_ids=img_ids)
+        )
+    metrics: dict[str, float] = {}
+    for evaluation in evaluations:
+        metrics.update(evaluation.metrics())
+
+    report = None
+    if similarity is not None and any(m.semantic_ran for m in mappings.values()):
+        report = semantic_report(
+            mappings, counts, table,
+            model_path=str(settings.semantic.model_path), threshold=settings.semantic.threshold,
+            unmapped_total_preds=mapping_counts[MappingRule.UNMAPPED.value],
+        )  # fmt: skip
+    return _CocoPart(
+        metrics=metrics,
+        evaluations=tuple(evaluations),
+        table=table,
+        gt_document=gt_document if official_gt is None else None,
+        predictions=predictions,
+        mapping_counts=mapping_counts,
+        report=report,
+    )
+
+
+def _category(raw: Mapping[str, Any]) -> Category:
+    return Category(int(raw["id"]), str(raw["name"]))
+
+
+def image_iou_matrix(image: EvalImage, coco: CocoEvaluator | None) -> npt.NDArray[np.float64]:
+    """IoU ``[pred, gt]`` of one image: box IoU for box pairs, the library's mask IoU when a polygon
+    is involved (§4.4). Exceptions propagate: an IoU failure is never a 0."""
+    iou = box_iou_matrix(image.preds, image.gt)
+    mask_pairs = [
+        (i, j) for i, p in enumerate(image.preds) for j, g in enumerate(image.gt) if needs_mask_iou(p, g)
+    ]
+    if not mask_pairs:
+        return iou
+    if coco is None:
+        raise ConfigError("F1-ish on polygons needs a COCO backend for mask IoU; none was given")
+    masks = coco.polygon_iou(
+        [p.polygon() for p in image.preds], [g.polygon() for g in image.gt], image.width, image.height
+    )
+    for i, j in mask_pairs:
+        iou[i, j] = masks[i, j]
+    return iou
+
+
+def run_f1ish(
+    images: Sequence[EvalImage],
+    settings: EvalConfig,
+    coco: CocoEvaluator | None,
+    similarity: Similarity | None,
+) -> tuple[dict[str, int | float], dict[float, list[F1ishImage]]]:
+    """F1-ish at every threshold of ``eval.f1ish_iou_thrs``; returns the metrics and per-image results."""
+    scope = PredScope(settings.f1ish_pred_scope)
+    if similarity is not None and isinstance(similarity, EmbeddingSimilarity):
+        similarity.prime([normalize_desc(o.desc) for im in images for o in (*im.gt, *im.preds)])
+    results: dict[float, list[F1ishImage]] = {thr: [] for thr in settings.f1ish_iou_thrs}
+    for image in images:
+        eligible = f1ish_scope_mask(image, scope, similarity, settings.semantic.threshold)
+        iou = image_iou_matrix(image, coco)
+        for thr in settings.f1ish_iou_thrs:
+            results[thr].append(
+                f1ish_image(image, iou, thr, eligible, similarity, settings.semantic.threshold)
+            )
+    metrics: dict[str, int | float] = {}
+    for thr in settings.f1ish_iou_thrs:
+        metrics.update(f1ish_summary(results[thr], thr))
+    return metrics, results
+
+
+def overlay_file_name(image_id: int) -> str:
+    return f"overlay_{image_id:06d}.png"
+
+
+def draw_overlays(
+    images: Sequence[EvalImage], artifact: Path, k: int, setup: OverlaySetup, target: Path, warn: Warn
+) -> int:
+    """The first ``k`` images by image_id with GT (desc above) and predictions (desc and score below)
+    into ``target``; an image that cannot be found or read is one warning and is skipped."""
+    from application.dataset_images import resolve_image_path
+    from application.visualize import discover_image_root
+
+    root = discover_image_root(artifact, setup.image_root, warn=warn)
+    drawn = 0
+    for image in images[:k]:
+        problem = image_path_problem(image.file_name)
+        if problem is not None:
+            warn(f"overlay for image_id {image.image_id} skipped: image {image.file_name!r}: {problem}")
+            continue
+        path = resolve_image_path(image.file_name, root.path)
+        try:
+            pixels = setup.images.read_rgb(path)
+        except ImageFileError as exc:
+            warn(f"overlay for image_id {image.image_id} ({artifact}:{image.line}) skipped: {exc}")
+            continue
+        objects = [OverlayObject(OverlayRole.GT, o.kind, o.points, o.desc) for o in image.gt]
+        objects += [OverlayObject(OverlayRole.PRED, o.kind, o.points, o.desc, o.score) for o in image.preds]
+        target.mkdir(exist_ok=True)
+        _write_bytes(
+            target / overlay_file_name(image.image_id),
+            setup.renderer.overlay_png(pixels, objects, setup.style),
+        )
+        drawn += 1
+    return drawn
+
+
+def evaluate_artifact(
+    artifact: Path,
+    settings: EvalConfig,
+    output_dir: Path,
+    *,
+    coco: CocoEvaluator,
+    semantic: SemanticStep,
+    overlays: OverlaySetup | None = None,
+    warn: Warn = warn_runtime,
+) -> EvalSummary:
+    """Evaluate ``gt_vs_pred.jsonl`` (§4.1-§4.5) and replace ``output_dir`` with the outputs.
+
+    ``overlays`` is used when ``eval.overlay`` is true; without it the overlays are skipped with a warning.
+    """
+    check_settings(settings)
+    official_gt = None
+    if settings.coco_gt_json is not None and settings.metrics != "f1ish":
+        official_gt = canonical_coco_gt(_read_json(Path(settings.coco_gt_json)), str(settings.coco_gt_json))
+    images = prepare_images(Path(artifact), ScoreMode(settings.score_mode), settings.num_workers)
+    similarity = EmbeddingSimilarity(semantic.encoder) if semantic.encoder is not None else None
+
+    counters = count_images(images)
+    metrics: dict[str, int | float] = {}
+    files: dict[str, str] = {}
+    optional: dict[str, str] = {}
+    f1ish_results: dict[float, list[F1ishImage]] = {}
+
+    if settings.metrics in ("coco", "both"):
+        part = _run_coco(images, settings, coco, similarity, official_gt, Path(artifact))
+        metrics.update(part.metrics)
+        counters.update(part.mapping_counts)
+        files["per_class.csv"] = per_class_csv(part.evaluations[0], part.table)
+        files["pr_curves.json"] = json_text({"iou_type": "bbox", **part.evaluations[0].curves.to_json()})
+        if part.gt_document is not None:
+            files["coco_gt.json"] = json_text(part.gt_document)
+        files["coco_preds.json"] = json_text(part.predictions)
+        if part.report is not None:
+            optional["semantic_desc_report.json"] = json_text(part.report)
+
+    if settings.metrics in ("f1ish", "both"):
+        f1ish_metrics, f1ish_results = run_f1ish(images, settings, coco, similarity)
+        metrics.update(f1ish_metrics)
+        primary = primary_f1ish_threshold(settings.f1ish_iou_thrs)
+        scope = PredScope(settings.f1ish_pred_scope)
+        for thr, results in f1ish_results.items():
+            files[matches_file_name(thr, primary)] = jsonl_text(
+                [match_row(image, result, scope) for image, result in zip(images, results)]
+            )
+
+    files["per_image.json"] = json_text(
+        [
+            per_image_entry(image, {thr: f1ish_results[thr][k] for thr in f1ish_results})
+            for k, image in enumerate(images)
+        ]
+    )
+    summary_meta = _meta(
+        settings, coco.backend, "official" if official_gt is not None else "artifact", semantic, len(images)
+    )
+    with staged_directory(Path(output_dir)) as staging:
+        for name, text in optional.items():
+            if not write_best_effort(staging / name, text):
+                counters["semantic_report_failed"] += 1
+        for name, text in files.items():
+            _write_file(staging / name, text)
+        if settings.overlay:
+            if overlays is None:
+                warn("eval.overlay is true but no image renderer was given; overlays skipped")
+            else:
+                draw_overlays(
+                    images, Path(artifact), settings.overlay_k, overlays, staging / OVERLAY_DIR, warn
+                )
+        summary = EvalSummary(metrics=metrics, counters=counters, meta=summary_meta)
+        _write_file(staging / "metrics.json", json_text(summary.to_json()))
+    return summary
+
+
+def evaluate_coco_results(
+    results_json: Path,
+    gt_json: Path,
+    settings: EvalConfig,
+    output_dir: Path,
+    *,
+    coco: CocoEvaluator,
+) -> EvalSummary:
+    """COCO metrics only (§4.1 second bullet): a COCO results JSON against an official COCO GT."""
+    check_settings(settings)
+    gt = canonical_coco_gt(_read_json(Path(gt_json)), str(gt_json))
+    results = _read_json(Path(results_json))
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise ArtifactError(f"{results_json}: a COCO results file must be a JSON list of objects")
+    for i, r in enumerate(results):
+        if "image_id" in r:
+            results[i] = {
+                **r,
+                "image_id": canonical_coco_id(r["image_id"], f"{results_json}: [{i}].image_id"),
+            }
+    with_segm = settings.use_segm and has_polygon_segmentation(gt)
+    evaluations = [coco.evaluate(gt, results, "bbox", iou_thrs=settings.iou_thrs)]
+    if with_segm:
+        evaluations.append(coco.evaluate(gt, results, "segm", iou_thrs=settings.iou_thrs))
+    metrics: dict[str, int | float] = {}
+    for evaluation in evaluations:
+        metrics.update(evaluation.metrics())
+    counters = empty_counters()
+    counters["images"] = len(gt["images"])
+    counters["gt_objects"] = len(gt["annotations"])
+    counters["pred_objects"] = len(results)
+    step = SemanticStep.off("not used: COCO results input")
+    summary = EvalSummary(
+        metrics=metrics,
+        counters=counters,
+        meta=_meta(settings, coco.backend, "official", step, len(gt["images"])),
+    )
+    table = CategoryTable([_category(c) for c in gt["categories"]])
+    with staged_directory(Path(output_dir)) as staging:
+        _write_file(staging / "per_class.csv", per_class_csv(evaluations[0], table))
+        _write_file(
+            staging / "pr_curves.json", json_text({"iou_type": "bbox", **evaluations[0].curves.to_json()})
+        )
+        _write_file(staging / "metrics.json", json_text(summary.to_json()))
+    return summary
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def run_evaluation(
+    settings: EvalConfig,
+    artifact: Path | None,
+    output_dir: Path,
+    *,
+    coco: CocoEvaluator,
+    semantic: SemanticStep,
+    overlays: OverlaySetup | None = None,
+) -> EvalSummary:
+    """The eval stage: a COCO results file when ``eval.coco_results_json`` is set, else the artifact."""
+    if settings.coco_results_json is not None:
+        if settings.coco_gt_json is None:
+            raise ConfigError("'eval.coco_gt_json' is required with 'eval.coco_results_json'")
+        return evaluate_coco_results(
+            Path(settings.coco_results_json), Path(settings.coco_gt_json), settings, output_dir, coco=coco
+        )
+    if artifact is None:
+        raise ConfigError(
+            "no artifact to evaluate: set 'infer.gt_vs_pred_jsonl' or 'run.output_dir' + 'run.name'"
+        )
+    return evaluate_artifact(
+        Path(artifact), settings, output_dir, coco=coco, semantic=semantic, overlays=overlays
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_paths(config: Any) -> tuple[Path | None, Path]:
+    """``(artifact, output_dir)`` from ``infer.gt_vs_pred_jsonl`` / ``eval.output_dir`` or ``run_dir`` (§2.3)."""
+    run = config.run
+    run_dir: Path | None = None
+    if run is not None and run.name is not None and run.output_dir is not None:
+        run_dir = Path(run.output_dir) / run.name
+    artifact = config.infer.gt_vs_pred_jsonl
+    if artifact is None and run_dir is not None and config.eval.coco_results_json is None:
+        artifact = run_dir / "gt_vs_pred.jsonl"
+    output_dir = config.eval.output_dir
+    if output_dir is None:
+        if run_dir is None:
+            raise ConfigError(
+                "set 'eval.output_dir', or 'run.output_dir' and 'run.name' to derive <run_dir>/eval"
+            )
+        output_dir = run_dir / "eval"
+    return (Path(artifact) if artifact is not None else None), Path(output_dir)
+
+
+PROG = "application.evaluate"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from application import wiring
+    from application.cli import parse_config_argument
+    from application.config import check_local_paths, load_config
+
+    config_path = parse_config_argument(list(sys.argv[1:] if argv is None else argv), PROG)
+    loaded = load_config(config_path, entry_point="evaluate")
+    config = loaded.config
+    check_local_paths(config, "evaluate")
+    settings: EvalConfig = config.eval
+    check_settings(settings)
+    artifact, output_dir = resolve_paths(config)
+    coco = wiring.make_coco_evaluator(settings.coco_backend)
+    semantic = wiring.make_semantic_step(settings.semantic)
+    overlays = (
+        OverlaySetup(wiring.make_image_renderer(), wiring.make_image_store(), config.data.image_root)
+        if settings.overlay
+        else None
+    )
+    summary = run_evaluation(settings, artifact, output_dir, coco=coco, semantic=semantic, overlays=overlays)
+    headline = {
+        k: v
+        for k, v in summary.metrics.items()
+        if k in ("bbox_AP", "bbox_AP50", "segm_AP") or k.endswith("f1_full_micro")
+    }
+    print(json.dumps({"output_dir": str(output_dir), **headline}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
