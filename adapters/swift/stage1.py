@@ -21,6 +21,7 @@ import attrs
 import torch
 
 from adapters.hf.checkpoint import check_processor
+from adapters.hf.coord_offsets import coord_offset_param_groups, setup_coord_offsets
 from adapters.hf.encoding import HFSampleEncoder
 from adapters.hf.tokenizer import HFTokenizer
 from adapters.storage.atomic import write_text_atomically as atomic_write_text
@@ -324,7 +325,8 @@ def _make_trainer_class() -> type:
             if was_training:
                 model.train()
             self.log(dict(metrics))
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            handler: Any = self.callback_handler
+            setattr(self, "control", handler.on_evaluate(self.args, self.state, getattr(self, "control"), metrics))
             return metrics
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -467,10 +469,10 @@ class Stage1Runtime:
             table = {vocabulary_additions()[0]: int(self.coord_table.wildcard_id), **table}
         atomic_write_text(folder / "coord_tokens.json", json.dumps(table, indent=2) + "\n")
         atomic_write_text(folder / "resolved_config.json", self.resolved_config_path.read_text())
-        files = sorted(
-            ({"name": str(p.relative_to(folder)), "bytes": p.stat().st_size} for p in folder.rglob("*") if p.is_file()),
-            key=lambda f: f["name"],
-        )
+        files = [
+            {"name": name, "bytes": (folder / name).stat().st_size}
+            for name in sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        ]
         marker = {
             "schema_version": 1,
             "global_step": int(state.global_step),
@@ -596,12 +598,13 @@ class SwiftStage1Engine:
         template.set_mode("train")
         template.model = model
         _freeze(model, training)
+        setup_coord_offsets(model, coord_table, training)  # no-op unless training.coord_offset.enabled
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if training.coord_offset.enabled:
+        if training.coord_offset.enabled and training.lora.enabled:
             raise SetupError(
-                "training.coord_offset.enabled: the Stage-1 engine does not attach the coord-offset adapter yet; "
-                "set it to false"
+                "training.coord_offset.enabled with training.lora.enabled: the engine does not yet re-attach the "
+                "offset hooks after peft wrapping; use one of the two"
             )
         if config.objective.instability_monitor.enabled:
             raise SetupError(
@@ -719,7 +722,7 @@ class SwiftStage1Engine:
         )
         for callback in self.callbacks:
             trainer.add_callback(callback)
-        groups = optimizer_groups(model, training)
+        groups = coord_offset_param_groups(model, training, optimizer_groups(model, training))
         trainer.optimizer = torch.optim.AdamW(groups, lr=training.learning_rate)
         resume = str(job.resume_from) if job.resume_from is not None else None
         trainer.train(resume_from_checkpoint=resume)
