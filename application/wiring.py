@@ -182,3 +182,88 @@ if TYPE_CHECKING:
 # ============================================================================================
 # End of the vocabulary expansion section
 # ============================================================================================
+
+
+# ============================================================================================
+# ==== Inference ====
+# application.infer (infer-eval-config.md §2.6): the generation backend of the infer stage and the
+# checkpoint tokenizer that per-sample processing needs. Owned by the inference helper.
+# ============================================================================================
+
+
+def make_generation_engine(request: EngineRequest) -> GenerationEngine:
+    """``infer.backend`` / ``infer.vllm.mode`` -> a ready backend (model loaded, engine built or server
+    reached / launched), plus the checkpoint's tokenizer and end-of-turn ids."""
+    from application.infer import GenerationEngine
+
+    config = request.config
+    model, infer = config.model, config.infer
+    assert model is not None and config.run is not None
+    if infer.backend == "hf":
+        from adapters.hf.generation import load_hf_backend
+
+        backend = load_hf_backend(
+            str(request.checkpoint), dtype=model.dtype, attn_implementation=model.attn_implementation, device=infer.device
+        )
+        return GenerationEngine(backend, backend.tokenizer, backend.stop_ids)
+
+    import json
+
+    from adapters.hf.checkpoint import load_processor
+    from adapters.hf.encoding import HFSampleEncoder
+    from adapters.hf.tokenizer import HFTokenizer
+
+    processor = load_processor(request.checkpoint)
+    tokenizer = HFTokenizer(processor.tokenizer)
+    stop_ids = {tokenizer.im_end_id}
+    generation_config = request.checkpoint / "generation_config.json"
+    if generation_config.is_file():
+        eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
+        stop_ids.update([eos] if isinstance(eos, int) else [int(i) for i in eos or []])
+    end_of_turn = {i: tokenizer.piece(i) for i in sorted(stop_ids)}
+    vllm = infer.vllm
+    model_path = str(model.path) if model.path is not None else str(request.checkpoint)
+    served = vllm.served_model_name if vllm.served_model_name is not None else model_path
+    max_pixels = config.data.max_pixels
+
+    if vllm.mode == "local":
+        from adapters.vllm.local import VllmLocalBackend, engine_kwargs
+
+        settings = engine_kwargs(
+            model_path=model_path, dtype=model.dtype, seed=config.run.seed, launch=vllm.launch,
+            image_root=str(request.image_root), max_pixels=max_pixels,
+        )  # fmt: skip
+        local = VllmLocalBackend(settings, end_of_turn=end_of_turn)
+        return GenerationEngine(local, tokenizer, frozenset(stop_ids))
+
+    from adapters.vllm.local import vllm_importable
+    from adapters.vllm.server_client import LaunchPlan, ServerSettings, connect, is_local_url, vllm_server_argv
+    from domain.prompts import PromptTexts
+    from ports.tokenizer import ChatSample, SampleOrigin
+
+    encoder = HFSampleEncoder(processor, tokenizer)
+
+    def prompt_tokens(r: GenerationRequest) -> int:
+        sample = ChatSample(PromptTexts(r.system, r.user), r.image_path, r.width, r.height, None,
+                            SampleOrigin(r.source, r.line, r.index))  # fmt: skip
+        return encoder.encode_prompt(sample).length
+
+    concurrency = vllm.client_concurrency if vllm.client_concurrency is not None else infer.generation.batch_size
+    settings_ = ServerSettings(vllm.base_url, served, vllm.request_timeout_s, vllm.preflight_timeout_s, concurrency)
+    launch = None
+    if vllm.auto_launch and is_local_url(vllm.base_url) and vllm_importable():
+        argv = vllm_server_argv(
+            model_path=model_path, base_url=vllm.base_url, dtype=model.dtype, served_model_name=served,
+            launch=vllm.launch, max_pixels=max_pixels,
+        )  # fmt: skip
+        launch = LaunchPlan(argv, request.run_dir / "vllm_server.log", vllm.launch.startup_timeout_s)
+    server = connect(settings_, end_of_turn=end_of_turn, launch=launch, expected_prompt_tokens=prompt_tokens)
+    return GenerationEngine(server, tokenizer, frozenset(stop_ids))
+
+
+if TYPE_CHECKING:
+    from application.infer import EngineRequest, GenerationEngine
+    from ports.generation import GenerationRequest
+# ============================================================================================
+# ==== End of inference ====
+# ============================================================================================
