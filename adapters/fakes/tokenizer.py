@@ -22,23 +22,8 @@ from collections.abc import Sequence
 
 from domain.coord_tokens import WILDCARD_TOKEN, CoordIdTable, all_coord_tokens
 from domain.errors import SetupError
+from domain.special_tokens import QWEN_SPECIAL_TOKENS
 
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 DEFAULT_CHUNKS: tuple[str, ...] = (
     '{"objects": [',
     '"desc": "',

@@ -32,24 +32,9 @@ import attrs
 
 from domain.coord_tokens import vocabulary_additions
 from domain.errors import ConfigError
+from domain.special_tokens import QWEN_SPECIAL_TOKENS
 
 # The 14 special tokens of the Qwen3-VL tokenizer, in their id order (151643..151656 on the real one).
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 # The ordinary (non-special) added tokens that follow them on the real tokenizer (151657..151668).
 QWEN_ADDED_TOKENS: tuple[str, ...] = (
     "<tool_call>",
