@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from domain.coord_tokens import NUM_BINS, CoordIdTable
 from domain.errors import StepError
+from domain.instability import MicroStepStats
 from domain.losses import (
     IGNORE_INDEX,
     LOGIT_BOUND,
@@ -32,10 +33,11 @@ from domain.losses import (
     MicroBatchSums,
     StepCounts,
     gaussian_target,
+    micro_batch_objective,
 )
 from domain.metrics_registry import quantile_linear
 
-DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def sanitize(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ class _SupervisedRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         logits: torch.Tensor,
         b: torch.Tensor,
@@ -95,10 +97,9 @@ class _SupervisedRows(torch.autograd.Function):
         u = logits[b[coord_pos].unsqueeze(1), i[coord_pos].unsqueeze(1), coord_cols.unsqueeze(0)].to(cd)
         for start in range(0, n, rows_per_chunk):
             sl = slice(start, min(n, start + rows_per_chunk))
+            # Advanced indexing copies the rows, so the chunk may be modified in place below.
             x = logits[b[sl], i[sl]].to(cd)
-            lse[sl] = torch.logsumexp(x, dim=-1)
             z_y[sl] = x.gather(1, y[sl].unsqueeze(1)).squeeze(1)
-            argmax[sl] = torch.argmax(x, dim=-1)
             if logit_stats:
                 row_finite[sl] = torch.isfinite(x).all(dim=-1)
                 row_max_abs[sl] = sanitize(x).abs_().amax(dim=-1)
@@ -106,6 +107,11 @@ class _SupervisedRows(torch.autograd.Function):
             if bool(cm.any()):
                 xc = sanitize(x[cm]).div_(tau)
                 lse_gate[start + torch.nonzero(cm, as_tuple=True)[0]] = torch.logsumexp(xc, dim=-1)
+                del xc
+            top, top_idx = torch.max(x, dim=-1)  # first maximal index, like argmax
+            argmax[sl] = top_idx
+            shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            lse[sl] = x.sub_(shift.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(shift)
             del x
         ctx.save_for_backward(logits, b, i, y, is_coord, coord_cols, lse, lse_gate)
         ctx.tau = tau
@@ -116,7 +122,7 @@ class _SupervisedRows(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any,
         g_lse: torch.Tensor | None,
         g_zy: torch.Tensor | None,
@@ -136,28 +142,29 @@ class _SupervisedRows(torch.autograd.Function):
         coord_row = torch.cumsum(is_coord.to(torch.int64), 0) - 1
         for start in range(0, n, ctx.rows_per_chunk):
             sl = slice(start, min(n, start + ctx.rows_per_chunk))
-            cm = is_coord[sl]
-            has_coord = bool(cm.any())
-            need_full = g_lse is not None or (g_gate is not None and has_coord)
-            x = logits[b[sl], i[sl]].to(cd) if need_full else None
-            gx = torch.zeros((sl.stop - sl.start, logits.shape[-1]), dtype=cd, device=logits.device)
-            if g_lse is not None and x is not None:
-                gx.add_(torch.exp(x - lse[sl].unsqueeze(1)).mul_(g_lse[sl].unsqueeze(1)))
+            rows_b, rows_i = b[sl], i[sl]
+            if g_lse is not None:
+                # softmax(z) · g, computed in place on the chunk's copy of the rows.
+                gx = logits[rows_b, rows_i].to(cd)
+                gx.sub_(lse[sl].unsqueeze(1)).exp_().mul_(g_lse[sl].unsqueeze(1))
+            else:
+                gx = torch.zeros((sl.stop - sl.start, logits.shape[-1]), dtype=cd, device=logits.device)
             if g_zy is not None:
                 gx.scatter_add_(1, y[sl].unsqueeze(1), g_zy[sl].unsqueeze(1))
-            if has_coord:
+            cm = is_coord[sl]
+            if bool(cm.any()):
                 local = torch.nonzero(cm, as_tuple=True)[0]
-                if g_gate is not None and x is not None:
-                    xr = x[local]
-                    inside = torch.isfinite(xr) & (xr.abs() <= LOGIT_BOUND)
-                    soft = torch.exp(sanitize(xr).div_(tau) - lse_gate[sl][local].unsqueeze(1))
+                if g_gate is not None:
+                    xr = logits[rows_b[local], rows_i[local]].to(cd)
+                    inside = torch.isfinite(xr) & (xr.abs() <= LOGIT_BOUND)  # d sanitize / dz
+                    soft = sanitize(xr).div_(tau).sub_(lse_gate[sl][local].unsqueeze(1)).exp_()
                     soft.mul_(g_gate[sl][local].unsqueeze(1) / tau).mul_(inside)
                     gx.index_add_(0, local, soft)
+                    del xr, inside, soft
                 if g_u is not None:
-                    rows = coord_row[sl][local]
-                    gx[local.unsqueeze(1), coord_cols.unsqueeze(0)] += g_u[rows]
-            grad[b[sl], i[sl]] = gx.to(grad.dtype)
-            del x, gx
+                    gx[local.unsqueeze(1), coord_cols.unsqueeze(0)] += g_u[coord_row[sl][local]]
+            grad[rows_b, rows_i] = gx.to(grad.dtype)
+            del gx
         return (grad, *none8)
 
 
@@ -200,8 +207,7 @@ class CoordLossResult:
 
     def zero_anchor(self) -> torch.Tensor:
         """``0 · Σ logits`` connected to the graph (R7); value and gradient are exactly 0 even for inf/NaN logits."""
-        z = self.logits.sum(dtype=compute_dtype(self.logits)) * 0.0
-        return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+        return guarded_zero(self.logits)
 
     def micro_batch_sums(self) -> MicroBatchSums:
         return MicroBatchSums(
@@ -466,6 +472,25 @@ def lambda_for_backward(result: CoordLossResult, n_step: int, c_step: int, world
 
 
 def guarded_zero(logits: torch.Tensor) -> torch.Tensor:
-    """``0 · Σ sanitised logits`` (instability guard, §5 step 7): a graph-connected exact zero."""
-    return torch.nan_to_num(logits.sum(dtype=torch.float32) * 0.0, nan=0.0, posinf=0.0, neginf=0.0)
+    """``0 · Σ sanitised logits`` (instability guard, §5 step 7): a graph-connected exact zero.
+
+    Sanitising the sum instead of every logit gives the same value and zero gradients without a
+    full-size copy.
+    """
+    z = logits.sum(dtype=compute_dtype(logits)) * 0.0
+    return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def micro_step_stats(result: CoordLossResult) -> MicroStepStats:
+    """The instability monitor's inputs (§5 step 1) from a kernel call made with ``logit_stats=True``."""
+    if result.row_finite is None or result.row_max_abs is None:
+        raise StepError("micro_step_stats needs a kernel result computed with logit_stats=True")
+    n = result.num_supervised
+    return MicroStepStats(
+        loss=micro_batch_objective(result.micro_batch_sums()),
+        supervised_tokens=n,
+        finite_logits=bool(result.row_finite.all()) if n else True,
+        max_abs_logit=float(result.row_max_abs.max()) if n else 0.0,
+        token_acc=result.num_correct / n if n else None,
+    )
 
