@@ -374,7 +374,8 @@ class Stage1Runtime:
             raise SetupError(
                 "args.n_gpu > 1 (single-process DataParallel) is unsupported: launch one process per GPU (torchrun)"
             )
-        if not trainer.model_accepts_loss_kwargs:
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is False or (scaled is None and not trainer.model_accepts_loss_kwargs):
             raise SetupError("the trainer would divide the loss by gradient_accumulation_steps (stage1.md §1.6)")
         if not getattr(args, "average_tokens_across_devices", True):
             raise SetupError("average_tokens_across_devices must be true (stage1.md §1.6)")
