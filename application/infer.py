@@ -83,9 +83,7 @@ ENTRY_POINT = "application.infer"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SUMMARY_SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
-MISSING_ARTIFACT = (
-    "gt_vs_pred.jsonl not found at {path}; enable stages.infer or point infer.gt_vs_pred_jsonl at an existing artifact"
-)
+MISSING_ARTIFACT = "gt_vs_pred.jsonl not found at {path}; enable stages.infer or point infer.gt_vs_pred_jsonl at an existing artifact"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin", "*.index.json")
 # Errors that are never "a sample failed": they stop the run under any on_generation_error.
 FATAL = (InvariantViolation, SetupError, ConfigError)
@@ -356,7 +354,9 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(handle.fileno())
 
 
-def resume_state(paths: PipelinePaths, fingerprint: str, inputs: Mapping[str, Any], batch_size: int) -> ResumeState:
+def resume_state(
+    paths: PipelinePaths, fingerprint: str, inputs: Mapping[str, Any], batch_size: int
+) -> ResumeState:
     """Start-up cases 1-4 of §2.7. A resumable ``.partial`` is truncated to a batch boundary here."""
     final, partial = paths.artifact, paths.partial
     if not final.exists() and not partial.exists():
@@ -404,7 +404,7 @@ def generate_batch(
         generations = _checked(backend.generate(requests, decoding), requests)
     except FATAL:
         raise
-    except Exception as exc:
+    except Exception as exc:  # re-raised, or retried per sample under 'record' (§2.8.1)
         if on_error == "raise":
             raise
         warnings.warn(
@@ -419,8 +419,10 @@ def generate_batch(
                 generations += _checked(backend.generate([request], decoding), [request])
             except FATAL:
                 raise
-            except Exception as single:  # recorded as generation_failed (infer.on_generation_error: record)
-                generations.append(Generation(index=request.index, error=f"{type(single).__name__}: {single}"))
+            except Exception as single:  # noqa: BLE001 - recorded as generation_failed (on_generation_error: record)
+                generations.append(
+                    Generation(index=request.index, error=f"{type(single).__name__}: {single}")
+                )
     for request, generation in zip(requests, generations):
         if generation.error is None:
             continue
@@ -443,10 +445,12 @@ def generate_batch(
 
 def read_artifact_lines(path: Path, artifacts: ArtifactStore, expected: int | None) -> list[dict[str, Any]]:
     """The artifact's records, checked to carry ``index`` 0..n-1 in order (and ``expected`` of them)."""
-    lines = [item.record for item in artifacts.read_jsonl(path)]
+    lines = [dict(item.record) for item in artifacts.read_jsonl(path)]
     for ordinal, line in enumerate(lines):
         if line.get("index") != ordinal:
-            raise ArtifactError(f"{path}: record {ordinal} has index {line.get('index')!r}, expected {ordinal}")
+            raise ArtifactError(
+                f"{path}: record {ordinal} has index {line.get('index')!r}, expected {ordinal}"
+            )
     if expected is not None and len(lines) != expected:
         raise ArtifactError(f"{path}: {len(lines)} records, expected {expected}")
     return lines
@@ -474,7 +478,9 @@ def backend_section(config: CoordExpConfig, model_path: str, facts: Mapping[str,
             "served_model_name": vllm.served_model_name if vllm.served_model_name is not None else model_path,
             "request_timeout_s": vllm.request_timeout_s,
             "client_concurrency": (
-                vllm.client_concurrency if vllm.client_concurrency is not None else infer.generation.batch_size
+                vllm.client_concurrency
+                if vllm.client_concurrency is not None
+                else infer.generation.batch_size
             ),
             "auto_launched": None,
             "logprobs_mode": None,
@@ -566,7 +572,9 @@ class InferOutcome:
 def _progress(deps: InferDependencies, total: int, initial: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="infer", unit="rec", disable=not deps.progress, file=sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc="infer", unit="rec", disable=not deps.progress, file=sys.stderr
+    )
 
 
 def run_infer_stage(
@@ -580,7 +588,9 @@ def run_infer_stage(
     records = inputs.split.records
     total = len(records)
     if state.status == "done":
-        deps.echo(f"infer stage: {paths.artifact} is complete with the same inputs; skipped (model not loaded)")
+        deps.echo(
+            f"infer stage: {paths.artifact} is complete with the same inputs; skipped (model not loaded)"
+        )
         if not paths.summary.exists():
             lines = read_artifact_lines(paths.artifact, deps.artifacts, total)
             summary = build_summary(config, lines, records_total=total, model_path=inputs.model_path, facts={},
@@ -604,7 +614,9 @@ def run_infer_stage(
     if state.status == "fresh":
         paths.partial.touch()
     if state.start < total:
-        engine = deps.open_engine(EngineRequest(config, inputs.checkpoint, inputs.image_root.path, paths.run_dir))
+        engine = deps.open_engine(
+            EngineRequest(config, inputs.checkpoint, inputs.image_root.path, paths.run_dir)
+        )
         try:
             scan = token_scanner(engine.tokenizer, data.field_order, data.coord_mode, engine.stop_ids)
             im_end = engine.tokenizer.im_end_id
@@ -624,12 +636,14 @@ def run_infer_stage(
                         )
                         for i in batch
                     ]
-                    generations = generate_batch(engine.backend, requests, decoding, config.infer.on_generation_error)
-                    lines = []
+                    generations = generate_batch(
+                        engine.backend, requests, decoding, config.infer.on_generation_error
+                    )
+                    batch_lines: list[str] = []
                     for i, gen in zip(batch, generations):
                         record = _inference_record(i, records[i])
                         if gen.error is not None:
-                            lines.append(serialize_line(failed_line(record)))
+                            batch_lines.append(serialize_line(failed_line(record)))
                             continue
                         if gen.text is None:
                             raise InvariantViolation(f"index {i}: the backend returned no text and no error")
@@ -642,8 +656,8 @@ def run_infer_stage(
                             coord_mode=data.coord_mode,
                             scan=scan,
                         )
-                        lines.append(serialize_line(artifact_line(record, text, outcome, im_end)))
-                    deps.artifacts.append_lines(paths.partial, lines)
+                        batch_lines.append(serialize_line(artifact_line(record, text, outcome, im_end)))
+                    deps.artifacts.append_lines(paths.partial, batch_lines)
                     bar.update(len(batch))
                     if deps.after_batch is not None:
                         deps.after_batch(batch.stop, paths.partial)
@@ -657,7 +671,9 @@ def run_infer_stage(
                             fingerprint=inputs.fingerprint)  # fmt: skip
     write_json_atomic(paths.summary, summary)
     deps.artifacts.replace(paths.partial, paths.artifact)
-    return InferOutcome("resumed" if state.status == "resume" else "ran", len(lines), facts, state.resumed_from_index)
+    return InferOutcome(
+        "resumed" if state.status == "resume" else "ran", len(lines), facts, state.resumed_from_index
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,7 +738,10 @@ def run_pipeline(loaded: LoadedConfig, deps: InferDependencies) -> PipelineOutco
     if stages.infer:
         infer_inputs = _prepare_infer(config, paths, prompt, deps)
         state = resume_state(
-            paths, infer_inputs.fingerprint, infer_inputs.fingerprint_inputs, config.infer.generation.batch_size
+            paths,
+            infer_inputs.fingerprint,
+            infer_inputs.fingerprint_inputs,
+            config.infer.generation.batch_size,
         )
         root = infer_inputs.image_root
         fingerprint, fingerprint_source = infer_inputs.fingerprint, infer_inputs.fingerprint_inputs

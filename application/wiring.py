@@ -226,6 +226,17 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
     served = vllm.served_model_name if vllm.served_model_name is not None else model_path
     max_pixels = config.data.max_pixels
 
+    from domain.prompts import PromptTexts
+    from ports.tokenizer import ChatSample, SampleOrigin
+
+    encoder = HFSampleEncoder(processor, tokenizer)
+
+    def prompt_tokens(r: GenerationRequest) -> int:
+        """The locally rendered prompt length the engine must report for the first request (§2.5)."""
+        sample = ChatSample(PromptTexts(r.system, r.user), r.image_path, r.width, r.height, None,
+                            SampleOrigin(r.source, r.line, r.index))  # fmt: skip
+        return encoder.encode_prompt(sample).length
+
     if vllm.mode == "local":
         from adapters.vllm.local import VllmLocalBackend, engine_kwargs
 
@@ -233,20 +244,11 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
             model_path=model_path, dtype=model.dtype, seed=config.run.seed, launch=vllm.launch,
             image_root=str(request.image_root), max_pixels=max_pixels,
         )  # fmt: skip
-        local = VllmLocalBackend(settings, end_of_turn=end_of_turn)
+        local = VllmLocalBackend(settings, end_of_turn=end_of_turn, expected_prompt_tokens=prompt_tokens)
         return GenerationEngine(local, tokenizer, frozenset(stop_ids))
 
     from adapters.vllm.local import vllm_importable
     from adapters.vllm.server_client import LaunchPlan, ServerSettings, connect, is_local_url, vllm_server_argv
-    from domain.prompts import PromptTexts
-    from ports.tokenizer import ChatSample, SampleOrigin
-
-    encoder = HFSampleEncoder(processor, tokenizer)
-
-    def prompt_tokens(r: GenerationRequest) -> int:
-        sample = ChatSample(PromptTexts(r.system, r.user), r.image_path, r.width, r.height, None,
-                            SampleOrigin(r.source, r.line, r.index))  # fmt: skip
-        return encoder.encode_prompt(sample).length
 
     concurrency = vllm.client_concurrency if vllm.client_concurrency is not None else infer.generation.batch_size
     settings_ = ServerSettings(vllm.base_url, served, vllm.request_timeout_s, vllm.preflight_timeout_s, concurrency)

@@ -76,6 +76,10 @@ def _float_tuple(values: Iterable[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
+def _object_tuple(values: Iterable[DetObject]) -> tuple[DetObject, ...]:
+    return tuple(values)
+
+
 @attrs.frozen
 class GeneratedText:
     """What the domain needs of one generation: the kept ids (cut after the first end-of-turn id),
@@ -147,7 +151,7 @@ class InferenceRecord:
     image: str
     width: int
     height: int
-    objects: tuple[DetObject, ...] = attrs.field(converter=tuple)
+    objects: tuple[DetObject, ...] = attrs.field(converter=_object_tuple)
     image_id: int | None = None
 
 
@@ -216,7 +220,9 @@ def pixel_extent_degenerate(points: Sequence[int]) -> bool:
     return max(xs) == min(xs) or max(ys) == min(ys)
 
 
-def salvage_codes(text: str, field_order: FieldOrder, coord_mode: CoordMode) -> tuple[list[DetObject], list[str]]:
+def salvage_codes(
+    text: str, field_order: FieldOrder, coord_mode: CoordMode
+) -> tuple[list[DetObject], list[str]]:
     """Salvage (D2b): the valid objects and the codes it found, in detection order."""
     result = salvage(text, field_order, coord_mode)
     codes = [reason.value for _, reason in result.drops]
@@ -255,7 +261,9 @@ def process_generation(
         if pixel_extent_degenerate(points):
             errors.append(DEGENERATE)
             continue
-        probabilities = [coordinate_probability(generated.token_logprobs, g) for g in record.coord_token_groups]
+        probabilities = [
+            coordinate_probability(generated.token_logprobs, g) for g in record.coord_token_groups
+        ]
         if len(probabilities) != len(obj.bins):
             raise InvariantViolation(
                 f"object with {len(obj.bins)} coordinates but {len(probabilities)} coordinate token groups"
@@ -392,9 +400,9 @@ def micro_batches(start: int, total: int, batch_size: int) -> list[range]:
 
 def canonical_json_bytes(value: Any) -> bytes:
     """Sorted keys, separators ``(",", ":")``, no ASCII escaping, UTF-8 (the project's canonical JSON)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
 
 
 def fingerprint_of(inputs: Mapping[str, Any]) -> str:

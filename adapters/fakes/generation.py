@@ -33,6 +33,9 @@ def constant_logprob(value: float) -> LogprobRule:
     return lambda _position, _token_id: value
 
 
+HALF = constant_logprob(math.log(0.5))  # every token has probability 0.5 unless a test says otherwise
+
+
 class ScriptedGenerationBackend:
     """Answers from a script; records ``calls`` (request indices per call), ``seeds`` and ``decodings``."""
 
@@ -43,7 +46,7 @@ class ScriptedGenerationBackend:
         script: Script | Mapping[int, ScriptAnswer],
         *,
         tokenizer: FakeTokenizer | None = None,
-        logprob: LogprobRule = constant_logprob(math.log(0.5)),
+        logprob: LogprobRule = HALF,
         describe: Mapping[str, object] | None = None,
     ) -> None:
         self._script: Script = (lambda r: script[r.index]) if isinstance(script, Mapping) else script
@@ -69,7 +72,9 @@ class ScriptedGenerationBackend:
                 raise answer
         return [self._generation(r, a, decoding) for r, a in zip(requests, answers)]
 
-    def _generation(self, request: GenerationRequest, answer: ScriptAnswer, decoding: DecodingSettings) -> Generation:
+    def _generation(
+        self, request: GenerationRequest, answer: ScriptAnswer, decoding: DecodingSettings
+    ) -> Generation:
         if isinstance(answer, SampleFailure):
             return Generation(index=request.index, error=answer.message)
         assert isinstance(answer, str)

@@ -247,7 +247,9 @@ class HFGenerationBackend:
 
     def _prompt(self, request: GenerationRequest) -> EncodedPrompt:
         if request.width <= 0 or request.height <= 0:
-            raise InvariantViolation(f"request {request.index}: the HF backend needs the record's width and height")
+            raise InvariantViolation(
+                f"request {request.index}: the HF backend needs the record's width and height"
+            )
         sample = ChatSample(
             prompt=PromptTexts(system=request.system, user=request.user),
             image_path=request.image_path,
@@ -311,5 +313,7 @@ def load_hf_backend(path: str, *, dtype: str, attn_implementation: str, device: 
     from adapters.hf.checkpoint import load_model_and_processor
 
     resolved = resolve_device(device)
-    checkpoint = load_model_and_processor(path, dtype=dtype, attn_implementation=attn_implementation, device=resolved)
+    checkpoint = load_model_and_processor(
+        path, dtype=dtype, attn_implementation=attn_implementation, device=resolved
+    )
     return HFGenerationBackend(checkpoint, resolved)

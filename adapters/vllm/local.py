@@ -12,7 +12,7 @@ vLLM is imported lazily, when the engine is built; it is an optional extra (``co
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,13 @@ class VllmLocalBackend:
 
     name = "vllm"
 
-    def __init__(self, engine_settings: Mapping[str, Any], *, end_of_turn: Mapping[int, str]) -> None:
+    def __init__(
+        self,
+        engine_settings: Mapping[str, Any],
+        *,
+        end_of_turn: Mapping[int, str],
+        expected_prompt_tokens: Callable[[GenerationRequest], int] | None = None,
+    ) -> None:
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # vLLM's own knob (§2.6)
         try:
             import vllm
@@ -68,6 +74,7 @@ class VllmLocalBackend:
         self._vllm = vllm
         self._settings = dict(engine_settings)
         self._end_of_turn = dict(end_of_turn)
+        self._expected_prompt_tokens = expected_prompt_tokens
         self._llm: Any = vllm.LLM(**self._settings)
 
     def _sampling_params(self, request: GenerationRequest, decoding: DecodingSettings) -> Any:
@@ -92,6 +99,16 @@ class VllmLocalBackend:
         outputs = self._llm.chat(conversations, params, use_tqdm=False)
         if len(outputs) != len(requests):
             raise InvariantViolation(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+        if self._expected_prompt_tokens is not None:  # the first request of the run (§2.5)
+            expected = self._expected_prompt_tokens(requests[0])
+            self._expected_prompt_tokens = None
+            reported = len(outputs[0].prompt_token_ids or ())
+            if reported != expected:
+                raise SetupError(
+                    f"vLLM renders {reported} prompt tokens for sample {requests[0].index} "
+                    f"({requests[0].source}:{requests[0].line}) but the checkpoint's chat template and processor "
+                    f"give {expected}: a different template or a resized image (D5)"
+                )
         return [self._generation(r, out) for r, out in zip(requests, outputs)]
 
     def _generation(self, request: GenerationRequest, output: Any) -> Generation:
@@ -99,9 +116,13 @@ class VllmLocalBackend:
         ids = [int(i) for i in completion.token_ids]
         entries = completion.logprobs
         if entries is None or len(entries) != len(ids):
-            raise GenerationError(f"sample {request.index}: vLLM returned no log-prob per generated token", index=request.index)
+            raise GenerationError(
+                f"sample {request.index}: vLLM returned no log-prob per generated token", index=request.index
+            )
         logprobs = [float(entry[token_id].logprob) for entry, token_id in zip(entries, ids)]
-        kept, kept_logprobs, text, stopped = cut_answer(ids, logprobs, str(completion.text or ""), self._end_of_turn)
+        kept, kept_logprobs, text, stopped = cut_answer(
+            ids, logprobs, str(completion.text or ""), self._end_of_turn
+        )
         return Generation(
             index=request.index,
             token_ids=kept,
@@ -117,7 +138,15 @@ class VllmLocalBackend:
 
     def describe(self) -> Mapping[str, object]:
         return {
-            "vllm": {"mode": "local", "logprobs_mode": "raw"},
+            "vllm": {
+                "mode": "local",
+                "base_url": None,
+                "served_model_name": None,
+                "request_timeout_s": None,
+                "client_concurrency": None,
+                "auto_launched": False,
+                "logprobs_mode": "raw",
+            },
             "engine": {k: v for k, v in self._settings.items() if k != "model"},
             "model_dir": str(Path(self._settings["model"])),
         }

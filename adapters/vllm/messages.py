@@ -42,7 +42,9 @@ def image_mime_type(path: Path, data: bytes) -> str:
     guessed, _ = mimetypes.guess_type(path.name)
     if guessed is not None and guessed.startswith("image/"):
         return guessed
-    raise GenerationError(f"{path}: cannot tell the image type for the data URL (not JPEG, PNG, GIF, BMP or WebP)")
+    raise GenerationError(
+        f"{path}: cannot tell the image type for the data URL (not JPEG, PNG, GIF, BMP or WebP)"
+    )
 
 
 def image_data_url(path: str | Path) -> str:

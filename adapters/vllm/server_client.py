@@ -49,10 +49,7 @@ def normalize_base_url(url: str | None) -> str:
     """``http(s)://host:port`` without a trailing ``/`` or ``/v1`` (null -> ``http://127.0.0.1:8000``)."""
     if url is None:
         return DEFAULT_BASE_URL
-    out = url.rstrip("/")
-    if out.endswith("/v1"):
-        out = out[: -len("/v1")]
-    return out
+    return url.rstrip("/").removesuffix("/v1")
 
 
 def is_local_url(url: str | None) -> bool:
@@ -80,7 +77,9 @@ class ServerSettings:
     logprobs_mode: str = "unverified"
 
 
-def request_body(request: GenerationRequest, decoding: DecodingSettings, served_model_name: str) -> dict[str, Any]:
+def request_body(
+    request: GenerationRequest, decoding: DecodingSettings, served_model_name: str
+) -> dict[str, Any]:
     """The JSON body of ``POST /v1/chat/completions`` (§2.6), exactly these keys."""
     return {
         "model": served_model_name,
@@ -127,7 +126,9 @@ def parse_answer(
     logprobs = choice.get("logprobs")
     entries = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not isinstance(entries, list):
-        return failed("answer has no log-probs (choices[0].logprobs.content); the server must honour logprobs: true")
+        return failed(
+            "answer has no log-probs (choices[0].logprobs.content); the server must honour logprobs: true"
+        )
     ids: list[int] = []
     values: list[float] = []
     for position, entry in enumerate(entries):
@@ -168,7 +169,9 @@ def preflight(base_url: str, timeout_s: float, session: requests.Session | None 
     try:
         answer = getter(url, timeout=timeout_s)
     except requests.RequestException as exc:
-        raise SetupError(f"vLLM server at {base_url} is not reachable ({type(exc).__name__}: {exc}); {ALTERNATIVE}") from exc
+        raise SetupError(
+            f"vLLM server at {base_url} is not reachable ({type(exc).__name__}: {exc}); {ALTERNATIVE}"
+        ) from exc
     if answer.status_code >= 400:
         raise SetupError(
             f"vLLM server at {base_url} is not reachable (GET /v1/models answered HTTP {answer.status_code}); "
@@ -178,7 +181,9 @@ def preflight(base_url: str, timeout_s: float, session: requests.Session | None 
         data = answer.json().get("data", [])
         return [str(m.get("id")) for m in data if isinstance(m, dict)]
     except (ValueError, AttributeError) as exc:
-        raise SetupError(f"vLLM server at {base_url}: GET /v1/models did not answer a model list ({exc})") from exc
+        raise SetupError(
+            f"vLLM server at {base_url}: GET /v1/models did not answer a model list ({exc})"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +269,11 @@ class LaunchedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         last_error = "no probe yet"
@@ -314,7 +323,7 @@ class LaunchedServer:
 class LaunchPlan:
     """How to start a server when the preflight fails and auto-launch applies."""
 
-    argv: tuple[str, ...] = attrs.field(converter=tuple)
+    argv: tuple[str, ...] = attrs.field(converter=lambda values: tuple(str(v) for v in values))
     log_path: Path
     startup_timeout_s: float
 
@@ -366,11 +375,15 @@ class VllmServerBackend:
             payload = None
         return parse_answer(request.index, answer.status_code, payload, self._end_of_turn, answer.text)
 
-    def generate(self, requests_: Sequence[GenerationRequest], decoding: DecodingSettings) -> list[Generation]:
+    def generate(
+        self, requests_: Sequence[GenerationRequest], decoding: DecodingSettings
+    ) -> list[Generation]:
         if self._pool is None:
             raise SetupError("the vLLM server backend was closed")
         answers = list(self._pool.map(lambda r: self._post(r, decoding), requests_))
-        if len(answers) != len(requests_) or [a.generation.index for a in answers] != [r.index for r in requests_]:
+        if len(answers) != len(requests_) or [a.generation.index for a in answers] != [
+            r.index for r in requests_
+        ]:
             raise InvariantViolation("vLLM client: answers are not in request order")
         if not self._prompt_checked:
             for request, answer in zip(requests_, answers):
@@ -433,7 +446,10 @@ def connect(
         if launch is None:
             raise
         launched = LaunchedServer(
-            launch.argv, base_url=settings.base_url, log_path=launch.log_path, startup_timeout_s=launch.startup_timeout_s
+            launch.argv,
+            base_url=settings.base_url,
+            log_path=launch.log_path,
+            startup_timeout_s=launch.startup_timeout_s,
         )
         launched.start()
         settings = attrs.evolve(settings, logprobs_mode="raw")

@@ -55,7 +55,9 @@ def requests(images: list[Path], seed: int = 17, users: tuple[str, ...] = ()) ->
     return out
 
 
-def full_forward_logprobs(backend: HFGenerationBackend, request: GenerationRequest, ids: tuple[int, ...]) -> list[float]:
+def full_forward_logprobs(
+    backend: HFGenerationBackend, request: GenerationRequest, ids: tuple[int, ...]
+) -> list[float]:
     """Independent path: the model's own forward (with its output head) on one unpadded sequence."""
     import torch
 
@@ -95,7 +97,9 @@ def test_16_left_padded_rows_equal_single_runs(backend: HFGenerationBackend, ima
         assert "<|im_start|>" not in b.text and "<|image_pad|>" not in b.text
 
 
-def test_logprobs_are_raw_under_every_decoding_setting(backend: HFGenerationBackend, images: list[Path]) -> None:
+def test_logprobs_are_raw_under_every_decoding_setting(
+    backend: HFGenerationBackend, images: list[Path]
+) -> None:
     reqs = requests(images[:2])
     for decoding in (
         GREEDY,
@@ -107,7 +111,9 @@ def test_logprobs_are_raw_under_every_decoding_setting(backend: HFGenerationBack
             assert all(v <= 0 for v in gen.token_logprobs)
 
 
-def test_greedy_emits_the_argmax_of_the_raw_distribution(backend: HFGenerationBackend, images: list[Path]) -> None:
+def test_greedy_emits_the_argmax_of_the_raw_distribution(
+    backend: HFGenerationBackend, images: list[Path]
+) -> None:
     import torch
 
     request = requests(images[:1])[0]
@@ -180,7 +186,12 @@ def test_generate_kwargs_greedy_and_sampling() -> None:
         "pad_token_id": 0, "eos_token_id": [0, 2],
     }  # fmt: skip
     sampled = generate_kwargs(DecodingSettings(max_new_tokens=3, temperature=0.7, top_p=0.9), 0, {2})
-    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (True, 0.7, 0.9, 0)
+    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (
+        True,
+        0.7,
+        0.9,
+        0,
+    )
     assert "generator" not in sampled
 
 
@@ -206,7 +217,9 @@ def test_31_auto_falls_back_from_flash_attention_and_records_both(
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a),
     )
     real_load = AutoModelForImageTextToText.from_pretrained
     tried: list[str] = []
@@ -220,7 +233,9 @@ def test_31_auto_falls_back_from_flash_attention_and_records_both(
         return model
 
     monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", fake_load)
-    loaded = load_model_and_processor(tiny_checkpoint, dtype="float32", attn_implementation="auto", device="cuda:0")
+    loaded = load_model_and_processor(
+        tiny_checkpoint, dtype="float32", attn_implementation="auto", device="cuda:0"
+    )
     assert tried == ["flash_attention_2", "sdpa"]
     facts = HFGenerationBackend(loaded, "cuda:0").describe()
     assert facts["attn_implementation_requested"] == "auto"

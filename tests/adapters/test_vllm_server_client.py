@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import sys
@@ -16,7 +17,7 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from PIL import Image
@@ -59,11 +60,15 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def req(image: Path, index: int = 0, seed: int = 17) -> GenerationRequest:
-    return GenerationRequest(index, "system text", "user text", str(image), seed + index, 64, 32, "val.jsonl", index + 1)
+    return GenerationRequest(
+        index, "system text", "user text", str(image), seed + index, 64, 32, "val.jsonl", index + 1
+    )
 
 
 def settings(base_url: str, concurrency: int = 2, model: str = "loopback-model") -> ServerSettings:
-    return ServerSettings(base_url, model, request_timeout_s=10.0, preflight_timeout_s=2.0, concurrency=concurrency)
+    return ServerSettings(
+        base_url, model, request_timeout_s=10.0, preflight_timeout_s=2.0, concurrency=concurrency
+    )
 
 
 @pytest.fixture()
@@ -143,7 +148,9 @@ def test_failed_answers_become_sample_errors(status: int, payload: Any, reason: 
 # --- against the loopback server ---------------------------------------------------------------------------
 
 
-def test_29_generate_through_the_server_keeps_order_tokens_and_coord_text(image: Path, echo_server: Any) -> None:
+def test_29_generate_through_the_server_keeps_order_tokens_and_coord_text(
+    image: Path, echo_server: Any
+) -> None:
     backend = VllmServerBackend(settings(echo_server.base_url, concurrency=2), end_of_turn=END_OF_TURN)
     try:
         out = backend.generate([req(image, i) for i in range(4)], DECODING)
@@ -158,7 +165,9 @@ def test_29_generate_through_the_server_keeps_order_tokens_and_coord_text(image:
         assert "<|coord_12|>, <|coord_40|>" in g.text  # coord tokens survive
         assert g.text.endswith("<|im_end|>") and g.ended_with_stop
     assert sorted(b["seed"] for b in echo_server.bodies) == [17, 18, 19, 20]
-    assert all(b["skip_special_tokens"] is False and b["model"] == "loopback-model" for b in echo_server.bodies)
+    assert all(
+        b["skip_special_tokens"] is False and b["model"] == "loopback-model" for b in echo_server.bodies
+    )
 
 
 def test_concurrency_really_overlaps_requests(image: Path) -> None:
@@ -197,10 +206,14 @@ def test_transport_failure_is_a_sample_error(image: Path) -> None:
 
 
 def test_prompt_length_mismatch_fails_the_run(image: Path, echo_server: Any) -> None:
-    ok = VllmServerBackend(settings(echo_server.base_url), end_of_turn=END_OF_TURN, expected_prompt_tokens=lambda r: 11)
+    ok = VllmServerBackend(
+        settings(echo_server.base_url), end_of_turn=END_OF_TURN, expected_prompt_tokens=lambda r: 11
+    )
     ok.generate([req(image)], DECODING)
     ok.close()
-    bad = VllmServerBackend(settings(echo_server.base_url), end_of_turn=END_OF_TURN, expected_prompt_tokens=lambda r: 12)
+    bad = VllmServerBackend(
+        settings(echo_server.base_url), end_of_turn=END_OF_TURN, expected_prompt_tokens=lambda r: 12
+    )
     with pytest.raises(SetupError, match="reports 11 prompt tokens .* give 12"):
         bad.generate([req(image)], DECODING)
     bad.close()
@@ -229,17 +242,23 @@ def test_30_preflight_to_a_closed_port_fails_fast_naming_the_hf_backend() -> Non
 
 
 def test_preflight_http_error_and_wrong_model() -> None:
-    with loopback.LoopbackVllm(lambda b: Reply(), models_status=503) as server:
-        with pytest.raises(SetupError, match="HTTP 503"):
-            preflight(server.base_url, 2.0)
-    with loopback.LoopbackVllm(lambda b: Reply(), model="other") as server:
-        with pytest.raises(SetupError, match="served_model_name"):
-            connect(settings(server.base_url, model="mine"), end_of_turn=END_OF_TURN)
+    with (
+        loopback.LoopbackVllm(lambda b: Reply(), models_status=503) as server,
+        pytest.raises(SetupError, match="HTTP 503"),
+    ):
+        preflight(server.base_url, 2.0)
+    with (
+        loopback.LoopbackVllm(lambda b: Reply(), model="other") as server,
+        pytest.raises(SetupError, match="served_model_name"),
+    ):
+        connect(settings(server.base_url, model="mine"), end_of_turn=END_OF_TURN)
 
 
 def test_30_auto_launch_that_exits_early_reports_its_log_tail(tmp_path: Path) -> None:
     port = loopback.free_port()
-    script = "import sys\nfor i in range(60): print(f'line {i}')\nprint('CUDA out of memory (fake)')\nsys.exit(3)"
+    script = (
+        "import sys\nfor i in range(60): print(f'line {i}')\nprint('CUDA out of memory (fake)')\nsys.exit(3)"
+    )
     plan = LaunchPlan((sys.executable, "-c", script), tmp_path / "vllm_server.log", startup_timeout_s=20.0)
     with pytest.raises(SetupError) as info:
         connect(settings(f"http://127.0.0.1:{port}"), end_of_turn=END_OF_TURN, launch=plan)
@@ -251,7 +270,16 @@ def test_30_auto_launch_that_exits_early_reports_its_log_tail(tmp_path: Path) ->
 
 def test_auto_launch_starts_probes_and_stops_the_server(tmp_path: Path, image: Path) -> None:
     port = loopback.free_port()
-    argv = (sys.executable, str(LOOPBACK_FILE), "--port", str(port), "--lifetime", "60", "--startup-delay", "1.2")
+    argv = (
+        sys.executable,
+        str(LOOPBACK_FILE),
+        "--port",
+        str(port),
+        "--lifetime",
+        "60",
+        "--startup-delay",
+        "1.2",
+    )
     plan = LaunchPlan(argv, tmp_path / "vllm_server.log", startup_timeout_s=30.0)
     backend = connect(settings(f"http://127.0.0.1:{port}"), end_of_turn=END_OF_TURN, launch=plan)
     launched = backend._launched
@@ -272,7 +300,9 @@ def test_auto_launch_starts_probes_and_stops_the_server(tmp_path: Path, image: P
 
 def test_auto_launch_startup_timeout_kills_the_process(tmp_path: Path) -> None:
     port = loopback.free_port()
-    plan = LaunchPlan((sys.executable, "-c", "import time; time.sleep(60)"), tmp_path / "log", startup_timeout_s=1.5)
+    plan = LaunchPlan(
+        (sys.executable, "-c", "import time; time.sleep(60)"), tmp_path / "log", startup_timeout_s=1.5
+    )
     with pytest.raises(SetupError, match="did not answer GET /v1/models within 1.5 s"):
         connect(settings(f"http://127.0.0.1:{port}"), end_of_turn=END_OF_TURN, launch=plan)
 
@@ -287,7 +317,7 @@ def test_launch_argv_asks_for_raw_logprobs_and_the_configured_knobs() -> None:
         max_pixels=786432, python="py",
     )  # fmt: skip
     assert argv[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
-    pairs = dict(zip(argv[3::1], argv[4::1]))
+    pairs = dict(itertools.pairwise(argv[3:]))
     assert pairs["--model"] == "ckpt" and pairs["--host"] == "127.0.0.1" and pairs["--port"] == "8000"
     assert pairs["--logprobs-mode"] == "raw_logprobs"
     assert pairs["--tensor-parallel-size"] == "2" and pairs["--max-num-seqs"] == "8"
@@ -307,7 +337,7 @@ def test_base_url_forms() -> None:
 
 
 class _FakeLLM:
-    instances: list[_FakeLLM] = []
+    instances: ClassVar[list[_FakeLLM]] = []
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
@@ -321,7 +351,9 @@ class _FakeLLM:
         for p in params:
             ids = [p.kwargs["seed"], COORD_12, IM_END, 0]
             entries = [{t: types.SimpleNamespace(logprob=-0.25 * (k + 1))} for k, t in enumerate(ids)]
-            completion = types.SimpleNamespace(token_ids=ids, logprobs=entries, text="x<|coord_12|>", finish_reason="stop")
+            completion = types.SimpleNamespace(
+                token_ids=ids, logprobs=entries, text="x<|coord_12|>", finish_reason="stop"
+            )
             outs.append(types.SimpleNamespace(outputs=[completion], prompt_token_ids=[1, 2, 3]))
         return outs[:-1] if self.drop_one else outs
 
@@ -371,6 +403,17 @@ def test_local_engine_call_shapes(fake_vllm: Any, image: Path) -> None:
         backend.generate([req(image, 0), req(image, 1)], DECODING)
 
 
+def test_local_engine_checks_the_first_prompt_length(fake_vllm: Any, image: Path) -> None:
+    kwargs = engine_kwargs(model_path="ckpt", dtype="bfloat16", seed=17, launch=LAUNCH, image_root="/data",
+                           max_pixels=786432)  # fmt: skip
+    VllmLocalBackend(kwargs, end_of_turn=END_OF_TURN, expected_prompt_tokens=lambda r: 3).generate(
+        [req(image)], DECODING
+    )
+    drifting = VllmLocalBackend(kwargs, end_of_turn=END_OF_TURN, expected_prompt_tokens=lambda r: 4)
+    with pytest.raises(SetupError, match="renders 3 prompt tokens .* give 4"):
+        drifting.generate([req(image)], DECODING)
+
+
 def test_local_engine_without_vllm_names_the_hf_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(SetupError, match="infer.backend: hf"):
@@ -385,6 +428,8 @@ def test_real_vllm_accepts_our_arguments() -> None:
     )  # fmt: skip
     assert params.skip_special_tokens is False
     accepted = set(inspect.signature(vllm.EngineArgs).parameters)
-    kwargs = engine_kwargs(model_path="m", dtype="bfloat16", seed=1, launch=LAUNCH, image_root="/", max_pixels=1024)
+    kwargs = engine_kwargs(
+        model_path="m", dtype="bfloat16", seed=1, launch=LAUNCH, image_root="/", max_pixels=1024
+    )
     assert set(kwargs) - {"model"} <= accepted
     assert math.isfinite(params.top_p)

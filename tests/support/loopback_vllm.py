@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import attrs
+from typing_extensions import Self
 
 
 @attrs.frozen
@@ -46,7 +47,7 @@ Script = Callable[[dict[str, Any]], Reply]
 def completion_payload(reply: Reply, model: str) -> Any:
     if reply.raw is not None:
         return reply.raw
-    entries = [
+    entries: list[dict[str, Any]] = [
         {"token": f"token_id:{t}", "logprob": lp, "bytes": None, "top_logprobs": []}
         for t, lp in zip(reply.token_ids, reply.logprobs)
     ]
@@ -95,7 +96,7 @@ class LoopbackVllm:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+            def log_message(self, format: str, *args: Any) -> None:
                 return
 
             def _send(self, status: int, payload: Any) -> None:
@@ -113,14 +114,17 @@ class LoopbackVllm:
                     if owner._served >= owner.max_requests:
                         threading.Thread(target=owner.stop, daemon=True).start()
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 self._count()
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(owner.models_status, {"object": "list", "data": [{"id": owner.model, "object": "model"}]})
+                    self._send(
+                        owner.models_status,
+                        {"object": "list", "data": [{"id": owner.model, "object": "model"}]},
+                    )
                 else:
                     self._send(404, {"error": f"no route {self.path}"})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self._count()
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length).decode("utf-8"))
@@ -136,7 +140,9 @@ class LoopbackVllm:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._timer = threading.Timer(lifetime_s, self.stop)
         self._timer.daemon = True
         self._stopped = False
@@ -163,8 +169,9 @@ class LoopbackVllm:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> LoopbackVllm:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
