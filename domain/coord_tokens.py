@@ -17,14 +17,14 @@ NUM_BINS = 1000
 MAX_BIN = NUM_BINS - 1
 WILDCARD_TOKEN = "<|coord_*|>"
 COORD_TOKEN_PATTERN = r"<\|coord_(0|[1-9][0-9]{0,2})\|>"
-_COORD_TOKEN_FULL = re.compile(f"^{COORD_TOKEN_PATTERN}$")
+_COORD_TOKEN_FULL = re.compile(COORD_TOKEN_PATTERN)  # used with fullmatch: no trailing "\n" slips through
 # Anything shaped like a coord token, to tell "not canonical" from "not a token" in messages.
-_COORD_LIKE = re.compile(r"^<\|coord_([^|]*)\|>$")
+_COORD_LIKE = re.compile(r"<\|coord_([^|]*)\|>")
 
 
 def is_coord_token(text: str) -> bool:
     """True exactly for canonical, in-range coord tokens (never the wildcard)."""
-    return _COORD_TOKEN_FULL.match(text) is not None
+    return _COORD_TOKEN_FULL.fullmatch(text) is not None
 
 
 def bin_to_token(k: int) -> str:
@@ -37,10 +37,10 @@ def bin_to_token(k: int) -> str:
 
 def token_to_bin(text: str) -> int:
     """The bin of a canonical coord token; raises :class:`CoordTokenError` on anything else."""
-    m = _COORD_TOKEN_FULL.match(text)
+    m = _COORD_TOKEN_FULL.fullmatch(text)
     if m is not None:
         return int(m.group(1))
-    like = _COORD_LIKE.match(text)
+    like = _COORD_LIKE.fullmatch(text)
     if like is not None and like.group(1).isdigit():
         value = int(like.group(1))
         if value > MAX_BIN and not like.group(1).startswith("0"):
@@ -53,7 +53,7 @@ def coord_token_value(text: str) -> int | None:
 
     Used by validators to report ``value V out of range`` for ``<|coord_1000|>`` (data.md §1.5 step 7).
     """
-    like = _COORD_LIKE.match(text)
+    like = _COORD_LIKE.fullmatch(text)
     if like is None:
         return None
     digits = like.group(1)

@@ -151,7 +151,7 @@ class MetricKey:
         out = []
         for j, part in enumerate(parts):
             out.append(PARAMETER_PATTERNS[part] if j % 2 else re.escape(part))
-        return re.compile("^" + "".join(out) + "$")
+        return re.compile("^" + "".join(out) + r"\Z")
 
     def instantiate(self, **params: str) -> str:
         return self.name.format(**params)

@@ -60,6 +60,17 @@ def test_every_named_key_is_in_the_schema() -> None:
     assert stale == []
 
 
+def test_every_entry_point_is_on_the_map() -> None:
+    """A new ``python -m application.X`` entry point must be placed on the map."""
+    named = set(_backticked())
+    entry_points = sorted(
+        f"application/{p.name}" for p in (REPO / "application").glob("*.py")
+        if re.search(r"^if __name__ == .__main__.:", p.read_text(), re.M)
+    )
+    assert entry_points, "no entry point found"
+    assert [e for e in entry_points if e not in named] == []
+
+
 def test_every_top_level_block_appears() -> None:
     named = set(_backticked())
     assert [b for b in BLOCKS if b not in named] == []
