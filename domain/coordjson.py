@@ -210,7 +210,7 @@ _JSON_STRING = re.compile(r'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}
 # The string-awareness of record extents and junk skipping: a backslash escapes the next character.
 _STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BRACE_OR_QUOTE = re.compile(r'[{}"]')
-_JUNK_STOP = re.compile(r'[{\]"]')
+_JUNK_STOP = re.compile(r'[{\[\]"]')
 # A run ``<|...|>`` is one literal (data.md §5.8.3); whitespace or JSON punctuation inside makes it text.
 _SPECIAL_PATTERN = r'<\|[^\s"\\{}\[\],:<>|]+\|>'
 # Anything number-like is one literal, so ``-1``, ``1.0``, ``1e2``, ``+1``, ``01`` are non_coord_token.
@@ -591,18 +591,32 @@ def _record_end(text: str, start: int, n: int) -> int:
 
 
 def _skip_junk(text: str, pos: int, n: int) -> int:
-    """String-aware skip to the next ``{`` or ``]`` (returned), or -1 at the end of text."""
+    """String-aware skip to the next ``{`` or ``]`` at array level (returned), or -1 at the end of text.
+
+    Brackets opened inside the junk nest: in ``[[1], {...}]`` the junk ``[1]`` ends at its own ``]`` and the
+    record after it is still read (data.md §5.8.2 "at array level").
+    """
+    depth = 0
     while True:
         m = _JUNK_STOP.search(text, pos, n)
         if m is None:
             return -1
         p = m.start()
-        if text[p] != '"':
+        c = text[p]
+        if c == '"':
+            m2 = _STRING_REST.match(text, p + 1, n)
+            if m2 is None:
+                return -1
+            pos = m2.end()
+        elif c == "[":
+            depth += 1
+            pos = p + 1
+        elif depth == 0:
             return p
-        m2 = _STRING_REST.match(text, p + 1, n)
-        if m2 is None:
-            return -1
-        pos = m2.end()
+        else:
+            if c == "]":
+                depth -= 1
+            pos = p + 1
 
 
 def _scan(

@@ -343,3 +343,15 @@ def test_every_prefix_truncation_yields_its_complete_leading_records(
         assert r.incomplete_tail == (1 if inside else 0)
         assert r.parse_failed == (cut < 13)
         assert r.truncated == (13 <= cut < len(text))
+
+
+def test_bracketed_junk_nests_and_the_following_record_is_still_read() -> None:
+    """data.md §5.8.2: junk is skipped to the next ``{`` or ``]`` *at array level*; a ``[`` inside junk nests."""
+    from domain.coordjson import DropReason, salvage
+    from domain.objects import CoordMode, FieldOrder
+
+    rec = '{"desc": "a", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}'
+    result = salvage('{"objects": [[1, [2]], ' + rec + "]}", FieldOrder.DESC_FIRST, CoordMode.TOKENS)
+    assert [o.bins for o in result.objects] == [(1, 2, 3, 4)]
+    assert list(result.drops) == [(0, DropReason.OTHER)]
+    assert not result.trailing_junk and not result.truncated
