@@ -8,6 +8,7 @@ checks -> resolved_config.json, run_metadata.json, metric_registry.json -> model
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,22 +16,29 @@ from typing import Any
 
 from application import wiring
 from application.cli import parse_config_argument
-from application.config import LoadedConfig, check_local_paths, load_config, resolved_sha256, write_resolved_config
-from application.datasets import load_split
+from application.config import CoordExpConfig, LoadedConfig, check_local_paths, load_config, resolved_sha256, write_resolved_config
+from application.datasets import LoadedSplit, load_split
 from application.provenance import build_run_metadata, mark_finished
 from domain.errors import ConfigError, CoordExpError, DataContractError
 from domain.metrics_registry import registry_snapshot
+from ports.metrics import MetricSink
 from ports.training import TrainingEngine, TrainingJob, TrainingOutcome
 
 ENTRY_POINT = "application.train"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
-def run_dir_of(config: Any) -> Path:
+def run_dir_of(config: CoordExpConfig) -> Path:
+    assert config.run is not None and config.run.output_dir is not None
     return Path(config.run.output_dir) / str(config.run.name)
 
 
-def resume_checkpoint(run_dir: Path, requested: str | None) -> Path | None:
+def process_rank() -> int:
+    """This process's rank as the distributed launcher set it (``RANK``); 0 without a launcher."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def resume_checkpoint(run_dir: Path, requested: str | None, *, check_fresh: bool = True) -> Path | None:
     """``training.resume_from_checkpoint``: a checkpoint directory, or ``latest`` (newest complete one).
 
     A run directory that already holds checkpoints or a ``logging.jsonl`` without a resume request is
@@ -39,6 +47,8 @@ def resume_checkpoint(run_dir: Path, requested: str | None) -> Path | None:
     from application.checkpoints import complete_checkpoints
 
     if requested is None:
+        if not check_fresh:
+            return None
         existing = sorted(p.name for p in run_dir.glob("checkpoint-*")) if run_dir.exists() else []
         if existing or (run_dir / "logging.jsonl").exists():
             raise ConfigError(
@@ -65,10 +75,17 @@ def resume_checkpoint(run_dir: Path, requested: str | None) -> Path | None:
 def train(loaded: LoadedConfig, engine: TrainingEngine | None = None) -> TrainingOutcome:
     """Run the use case; ``engine`` overrides the configured engine (tests pass an instrumented one)."""
     config = loaded.config
+    # load_config(entry_point="train") requires these blocks
+    assert config.run is not None and config.model is not None
     check_local_paths(config, entry_point="train")
+    if config.objective.trainer_variant != "stage1":
+        raise ConfigError(
+            f"'objective.trainer_variant' = {config.objective.trainer_variant!r}: this build trains 'stage1' only"
+        )
     artifacts = wiring.make_artifact_store()
     images = wiring.make_image_store()
     data = config.data
+    assert data.train_jsonl is not None
     train_split = load_split(
         Path(data.train_jsonl), data, config.prompt.variant, limit=data.train_limit, artifacts=artifacts, images=images
     )
@@ -81,14 +98,16 @@ def train(loaded: LoadedConfig, engine: TrainingEngine | None = None) -> Trainin
         raise DataContractError(
             f"{train_split.path}: {train_split.num_poly_objects} polygon objects, but Stage-2 AB v1 is bbox-only (D9)"
         )
-    if config.objective.trainer_variant != "stage1":
-        raise ConfigError(
-            f"'objective.trainer_variant' = {config.objective.trainer_variant!r}: this build trains 'stage1' only"
-        )
 
+    # Only rank 0 checks the run directory and writes run files (infer-eval-config.md §7.1, §7.2); the
+    # other ranks would otherwise find rank 0's fresh files and refuse to start.
+    is_main = process_rank() == 0
     run_dir = run_dir_of(config)
-    resume = resume_checkpoint(run_dir, config.training.resume_from_checkpoint)
+    resume = resume_checkpoint(run_dir, config.training.resume_from_checkpoint, check_fresh=is_main)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main:
+        return _run_engine(loaded, engine, run_dir, run_dir / "resolved_config.json", wiring.make_null_metric_sink(),
+                           train_split, val_split, resume)
     resolved_path = write_resolved_config(loaded, run_dir, kind="train")
     collector = wiring.make_provenance_collector()
     metadata = build_run_metadata(
@@ -114,14 +133,31 @@ def train(loaded: LoadedConfig, engine: TrainingEngine | None = None) -> Trainin
     artifacts.write_json(run_dir / "run_metadata.json", metadata)
     artifacts.write_json(run_dir / "metric_registry.json", registry_snapshot())
 
-    model_path = wiring.resolve_model_checkpoint(config.model)
     sink = wiring.make_metric_sink(
         run_dir / "logging.jsonl", resume_step=_checkpoint_step(resume) if resume is not None else None
     )
+    outcome = _run_engine(loaded, engine, run_dir, resolved_path, sink, train_split, val_split, resume)
+    artifacts.write_json(run_dir / "run_metadata.json", mark_finished(metadata, collector))
+    return outcome
+
+
+def _run_engine(
+    loaded: LoadedConfig,
+    engine: TrainingEngine | None,
+    run_dir: Path,
+    resolved_path: Path,
+    sink: MetricSink,
+    train_split: LoadedSplit,
+    val_split: LoadedSplit | None,
+    resume: Path | None,
+) -> TrainingOutcome:
+    config = loaded.config
+    assert config.model is not None
+    model_path = wiring.resolve_model_checkpoint(config.model)
     if engine is None:
         engine = wiring.make_training_engine(config)
     try:
-        outcome = engine.run(
+        return engine.run(
             TrainingJob(
                 config=config,
                 run_dir=run_dir,
@@ -137,8 +173,6 @@ def train(loaded: LoadedConfig, engine: TrainingEngine | None = None) -> Trainin
         )
     finally:
         sink.close()
-    artifacts.write_json(run_dir / "run_metadata.json", mark_finished(metadata, collector))
-    return outcome
 
 
 def _checkpoint_step(path: Path) -> int:

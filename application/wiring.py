@@ -122,6 +122,13 @@ def make_metric_sink(path: Path, *, resume_step: int | None = None) -> MetricSin
     return JsonlMetricSink(path, resume_step=resume_step)
 
 
+def make_null_metric_sink() -> MetricSink:
+    """For ranks other than 0: they log nothing (one writer per run)."""
+    from adapters.storage.metric_log import NullMetricSink
+
+    return NullMetricSink()
+
+
 def make_training_engine(config: CoordExpConfig) -> TrainingEngine:
     """``objective.trainer_variant`` -> its engine (ms-swift's trainer behind the port, D12)."""
     from adapters.swift.stage1 import SwiftStage1Engine

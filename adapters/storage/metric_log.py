@@ -44,3 +44,13 @@ class JsonlMetricSink:
     def close(self) -> None:
         if not self._handle.closed:
             self._handle.close()
+
+
+class NullMetricSink:
+    """Drops every event: what ranks other than 0 log to."""
+
+    def log(self, event: Mapping[str, MetricValue]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
