@@ -108,6 +108,12 @@ def make_provenance_collector() -> ProvenanceCollector:
 def resolve_model_checkpoint(model: ModelConfig) -> Path:
     """``model.path`` as is, or the embedded tiny Qwen3-VL built once into its cache (``model.tiny``)."""
     if model.path is not None:
+        from application.checkpoints import incomplete_checkpoint_problem
+        from domain.errors import ConfigError
+
+        problem = incomplete_checkpoint_problem(Path(model.path))
+        if problem is not None:
+            raise ConfigError(problem)
         return Path(model.path)
     from adapters.hf.tiny import build_tiny_checkpoint, default_tiny_cache_dir
 

@@ -83,3 +83,22 @@ def test_resume_requires_a_complete_checkpoint(
                          training={"resume_from_checkpoint": "latest"})
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         train(load_config(latest, entry_point="train"), RecordingTrainingEngine())
+
+
+def test_model_path_to_an_incomplete_training_checkpoint_is_refused(tmp_path: Path) -> None:
+    from application.checkpoints import COMPLETE_MARKER, complete_checkpoints
+    from application.config.schema import ModelConfig
+    from application import wiring
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    (run / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
+    (run / "checkpoint-6" / COMPLETE_MARKER).write_text("{}")
+    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2", "checkpoint-6"]
+    with pytest.raises(ConfigError, match="without checkpoint_complete.json"):
+        wiring.resolve_model_checkpoint(ModelConfig(path=run / "checkpoint-4"))
+    assert wiring.resolve_model_checkpoint(ModelConfig(path=run / "checkpoint-6")) == run / "checkpoint-6"
+    merged = tmp_path / "merged-export"
+    merged.mkdir()
+    assert wiring.resolve_model_checkpoint(ModelConfig(path=merged)) == merged
