@@ -5,6 +5,12 @@ DDP / DeepSpeed and logging callbacks. This adapter supplies the dataset (our en
 the collator (extras beside the batch), the loss (our kernel, our normalisation R1-R7) and the callbacks
 (one ``logging.jsonl`` writer, TensorBoard, checkpoint completion markers). No upstream file is patched;
 the engine knobs of stage1.md §1.6 are set and asserted at startup.
+
+Diagnostics (stage1.md §3, §5, §6.4): every metric family of a micro-batch runs as a named best-effort
+diagnostic (``Stage1Runtime.metric_updates``), the token/type family and coord monitors come from
+``adapters.torch.stage1_metrics``, and the instability monitor (``adapters.torch.instability``) runs after
+the metrics on every train and eval micro-batch; its guard may replace λ and its stop flag is agreed
+across ranks at every training micro-step.
 """
 
 from __future__ import annotations
@@ -25,19 +31,41 @@ from adapters.hf.coord_offsets import coord_offset_param_groups, setup_coord_off
 from adapters.hf.encoding import HFSampleEncoder
 from adapters.hf.tokenizer import HFTokenizer
 from adapters.storage.atomic import write_text_atomically as atomic_write_text
-from adapters.torch.collator import ProjectCollator, TrainItem, model_rope_index
+from adapters.torch.collator import ProjectCollator, TargetTokenTyper, TrainItem, model_rope_index
 from adapters.torch.coord_loss import CoordLossKernel, CoordLossResult, lambda_for_backward
+from adapters.torch.instability import NO_DECISION, InstabilityRunner, learning_rate_of
+from adapters.torch.stage1_metrics import (
+    TokenTypeMetricSettings,
+    coord_monitor_updates,
+    token_type_metric_updates,
+)
 from adapters.torch.step_context import StepContext, pop_step_context
+from domain.batch_extras import INSTABILITY_META_JSON, TOKEN_TYPES
 from domain.coord_tokens import CoordIdTable, vocabulary_additions
 from domain.coordjson import render
-from domain.errors import SetupError, StepError
-from domain.losses import CoordLossSettings, objective_metric_updates
-from domain.metrics_registry import REGISTRY, MetricAccumulator, MetricLayout, Mode
-from domain.objects import DetObject, Ordering
+from domain.errors import BestEffortDiagnostics, SetupError, StepError
+from domain.instability import (
+    EarlyStopSettings,
+    GuardSettings,
+    InstabilitySettings,
+    MonitorDecision,
+    default_dump_dir,
+)
+from domain.losses import CoordLossSettings, MicroBatchSums, objective_metric_updates
+from domain.metrics_registry import (
+    DIAGNOSTIC_NAMES,
+    REGISTRY,
+    MetricAccumulator,
+    MetricLayout,
+    MetricUpdate,
+    Mode,
+)
+from domain.objects import CoordMode, DetObject, Ordering
 from domain.ordering import shuffled_objects
 from domain.packing import PackingSettings, plan_packs
 from domain.prompts import PromptTexts, build_prompt
 from domain.records import Record
+from domain.token_types import DatasetFilter
 from ports.metrics import MetricSink
 from ports.tokenizer import ChatSample, SampleOrigin
 from ports.training import TrainingJob, TrainingOutcome
@@ -220,6 +248,7 @@ def _make_trainer_class() -> type:
             self.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
             self._window = torch.zeros(3, dtype=torch.float64)
             self._window_ids: list[str] = []
+            self._window_len = 0
             self.coordexp.check_engine(self)
 
         def _get_data_collator(self, args: Any, template: Any) -> Any:
@@ -240,6 +269,7 @@ def _make_trainer_class() -> type:
                 counts = reduced.cpu()
             self._window = counts
             self._window_ids = window_sample_ids(batch_samples)
+            self._window_len = len(batch_samples)
             # A non-None count keeps transformers from dividing the loss by the accumulation steps.
             return batch_samples, torch.tensor(int(counts[2]), device=device)
 
@@ -258,19 +288,26 @@ def _make_trainer_class() -> type:
                     f"at global_step={self.state.global_step}"
                 )
             result = self.coordexp.loss(outputs.logits, ctx, self.state.global_step)
-            if model.training:
+            training = bool(model.training)
+            if training:
                 n_step, c_step, t_step = (int(v) for v in self._window.tolist())
                 if not result.distributional:
                     n_step = t_step
                 lam = lambda_for_backward(result, n_step, c_step, self.coordexp.world_size)
+            else:
+                lam = result.sum_ce.detach() + result.sum_coord.detach()
+            # §4.3 order: loss -> metric components -> instability monitor -> return λ (or the guard).
+            self.coordexp.record_metrics(result, ctx, train=training, window_len=self._window_len)
+            decision = self.coordexp.observe_instability(self, result, ctx, training=training)
+            if decision.guard:
+                lam = InstabilityRunner.guarded_loss(result)
+            if training:
+                self.coordexp.exchange_stop(self, decision)
                 if not bool(torch.isfinite(lam.detach())):
                     raise StepError(
                         f"non-finite loss at global_step={self.state.global_step + 1} for samples "
                         f"{self._window_ids or self.coordexp.describe(ctx)}"
                     )
-            else:
-                lam = result.sum_ce.detach() + result.sum_coord.detach()
-            self.coordexp.record_metrics(result, ctx, train=bool(model.training))
             return (lam, outputs) if return_outputs else lam
 
         def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -298,23 +335,38 @@ def _make_trainer_class() -> type:
         def evaluate(
             self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
         ) -> dict[str, float]:
-            """R5: eval_loss from sums and counts over the whole eval set (not a mean of batch means)."""
+            """R5: eval_loss from sums and counts over the whole eval set (not a mean of batch means).
+
+            Every eval metric family (objective, token/type, health) goes through the eval buffer and is
+            merged, ``eval_``-prefixed, into the returned dict before it is logged and before best-model
+            selection reads it; the instability monitor sees each eval micro-batch in eval mode.
+            """
+            import time
+
+            from transformers.trainer_utils import speed_metrics
+
+            start = time.time()
             dataloader = self.get_eval_dataloader(eval_dataset)
             model = self.model
             was_training = model.training
             model.eval()
             sums = torch.zeros(2, dtype=torch.float64)
             counts = torch.zeros(2, dtype=torch.float64)
+            num_samples = num_batches = 0
             with torch.no_grad():
                 for batch in dataloader:
                     batch = self._prepare_inputs(batch)
                     batch.pop("compute_loss_func", None)
                     ctx = pop_step_context(batch)
+                    num_samples += ctx.samples_in_batch()
+                    num_batches += 1
                     outputs = model(**batch)
                     result = self.coordexp.loss(outputs.logits, ctx, self.state.global_step)
-                    sums += torch.tensor([float(result.sum_ce), float(result.sum_coord)], dtype=torch.float64)
-                    counts += torch.tensor([result.ce_count, result.num_coord], dtype=torch.float64)
                     self.coordexp.record_metrics(result, ctx, train=False)
+                    decision = self.coordexp.observe_instability(self, result, ctx, training=False)
+                    if not decision.guard:  # the eval guard (guard.in_eval) makes this batch's loss 0
+                        sums += torch.tensor([float(result.sum_ce), float(result.sum_coord)], dtype=torch.float64)
+                    counts += torch.tensor([result.ce_count, result.num_coord], dtype=torch.float64)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 both = torch.cat([sums, counts]).to(self.args.device)
                 torch.distributed.all_reduce(both)
@@ -322,6 +374,7 @@ def _make_trainer_class() -> type:
             eval_loss = float(sums[0] / max(1.0, float(counts[0])) + sums[1] / max(1.0, float(counts[1])))
             metrics = {f"{metric_key_prefix}_loss": eval_loss}
             metrics.update(self.coordexp.flush_metrics(train=False))
+            metrics.update(speed_metrics(metric_key_prefix, start, num_samples=num_samples, num_steps=num_batches))
             if was_training:
                 model.train()
             self.log(dict(metrics))
@@ -356,12 +409,17 @@ class Stage1Runtime:
     resolved_config_path: Path
     processor: Any
     world_size: int = 1
-    token_type_metrics: bool = False
+    token_types: TokenTypeMetricSettings | None = None  # objective.token_type_metrics on
+    monitor: InstabilityRunner | None = None  # objective.instability_monitor on
+    grad_steps: int = 1  # configured G (accum/grad_steps)
+    configured_lr: float = 0.0  # training.learning_rate (the monitor event's last fallback)
+    diagnostics: BestEffortDiagnostics = attrs.field(factory=BestEffortDiagnostics)
     train_acc: MetricAccumulator = attrs.field(init=False)
     eval_acc: MetricAccumulator = attrs.field(init=False)
     step_losses: list[float] = attrs.field(factory=list)
     spy_backward_input: Any = None
     _start: float = attrs.field(factory=lambda: __import__("time").time())
+    _failed_enrichers: set[str] = attrs.field(factory=set)
 
     def __attrs_post_init__(self) -> None:
         self.train_acc = MetricAccumulator(MetricLayout.for_mode(Mode.TRAIN, "stage1"), Mode.TRAIN)
@@ -404,7 +462,7 @@ class Stage1Runtime:
                 "sliced logits or a fused CE kernel are forbidden"
             )
         try:
-            return self.kernel(logits, labels)
+            return self.kernel(logits, labels, coord_metrics=self.pure_ce_coord_metrics, logit_stats=self.monitor is not None)
         except StepError:
             raise
         except Exception as exc:
@@ -415,13 +473,130 @@ class Stage1Runtime:
     def describe(self, ctx: StepContext) -> str:
         return ctx.instability_meta_json or "<unknown samples>"
 
-    def record_metrics(self, result: CoordLossResult, ctx: StepContext, *, train: bool) -> None:
+    @property
+    def pure_ce_coord_metrics(self) -> bool:
+        """Pure-CE coord diagnostics (§3.2): coord loss off, token-type metrics on, tokens mode."""
+        return (not self.kernel.settings.enabled) and self.token_types is not None and self.token_types.tokens_mode
+
+    def record_metrics(
+        self, result: CoordLossResult, ctx: StepContext, *, train: bool, window_len: int | None = None
+    ) -> None:
+        """Every metric family of one micro-batch into the train or eval buffer (§3.2, §6.4).
+
+        Each family runs as a named best-effort diagnostic: a failure warns once, switches that family
+        off and from then on emits ``health/diagnostic_disabled/<name>``; it never touches λ.
+        """
         acc = self.train_acc if train else self.eval_acc
-        acc.extend(
-            objective_metric_updates(
-                result.micro_batch_sums(), result.coord_block_sums(), self.kernel.settings, ctx.samples_in_batch()
-            )
+        acc.extend(self.metric_updates(result, ctx, train=train, window_len=window_len))
+
+    def metric_updates(
+        self, result: CoordLossResult, ctx: StepContext, *, train: bool, window_len: int | None = None
+    ) -> list[MetricUpdate]:
+        settings = self.kernel.settings
+        run = self.diagnostics.run
+        updates: list[MetricUpdate] = []
+
+        def objective(prefixes: tuple[str, ...]) -> list[MetricUpdate]:
+            sums = result.micro_batch_sums()
+            block = result.coord_block_sums() if any(p.startswith(("coord_diag/", "stage1/")) for p in prefixes) else None
+            return [
+                u
+                for u in objective_metric_updates(sums, block, settings, ctx.samples_in_batch())
+                if u.key.startswith(prefixes)
+            ]
+
+        def add(name: str, produce: Any) -> None:
+            got = run(name, produce)
+            if got:
+                updates.extend(got)
+
+        add("runtime_metrics", lambda: self._runtime_updates(result.micro_batch_sums(), ctx, train, window_len))
+        if settings.enabled:
+            add("base_ce_metrics", lambda: objective(("base_ce/",)))
+            add("coord_diag_metrics", lambda: objective(("coord_diag/", "stage1/")))
+        elif result.coord_terms is not None:
+            add("coord_diag_pure_ce", lambda: objective(("coord_diag/",)))
+        tt = self.token_types
+        if tt is not None:
+            types = ctx.token_types()
+            add("token_type_metrics", lambda: token_type_metric_updates(result, types, tt))
+            if tt.tokens_mode:
+                add(
+                    "coord_monitor",
+                    lambda: coord_monitor_updates(
+                        result, types, self.coord_mask, self.kernel.coord_columns(result.logits.device), tt
+                    ),
+                )
+        updates.extend(self.health_updates(ctx))
+        return updates
+
+    def _runtime_updates(
+        self, sums: MicroBatchSums, ctx: StepContext, train: bool, window_len: int | None
+    ) -> list[MetricUpdate]:
+        out = [
+            u
+            for u in objective_metric_updates(sums, None, self.kernel.settings, ctx.samples_in_batch())
+            if u.key in ("token_acc", "pack/num_samples")
+        ]
+        if train:
+            out.append(MetricUpdate("accum/grad_steps", float(self.grad_steps), 1.0))
+            if window_len:
+                out.append(MetricUpdate("accum/current_grad_steps", float(window_len), 1.0))
+        return out
+
+    def disabled_diagnostics(self, ctx: StepContext | None = None) -> list[str]:
+        """Names of the diagnostics switched off so far (runtime, monitor and collator enrichers).
+
+        An enricher runs in the collator, possibly in a dataloader worker; its failure is seen here as
+        its extra missing from a batch that should carry it (and, in-process, in the collator's record).
+        """
+        if ctx is not None:
+            if self.token_types is not None and ctx.get(TOKEN_TYPES) is None:
+                self._failed_enrichers.add("token_type_enricher")
+            if self.collator.max_meta_samples is not None and ctx.get(INSTABILITY_META_JSON) is None:
+                self._failed_enrichers.add("instability_meta_enricher")
+        collator_names = {"token_types": "token_type_enricher", "instability_meta": "instability_meta_enricher"}
+        for name in getattr(self.collator.diagnostics, "disabled", {}):
+            if name in collator_names:
+                self._failed_enrichers.add(collator_names[name])
+        names = set(self.diagnostics.disabled) | self._failed_enrichers
+        return [n for n in DIAGNOSTIC_NAMES if n in names]
+
+    def health_updates(self, ctx: StepContext | None = None) -> list[MetricUpdate]:
+        """``health/diagnostic_disabled/<name>`` = 1.0 (weight 1) for every disabled diagnostic (§3.2)."""
+        return [MetricUpdate(f"health/diagnostic_disabled/{n}", 1.0, 1.0) for n in self.disabled_diagnostics(ctx)]
+
+    # --- instability monitor (§5)
+    def observe_instability(
+        self, trainer: Any, result: CoordLossResult, ctx: StepContext, *, training: bool
+    ) -> MonitorDecision:
+        """Steps 1-5 of §5 on one micro-step; NO_DECISION when the monitor is off.
+
+        The event's ``global_step`` is the optimizer step the micro-step belongs to in train
+        (``state.global_step + 1``) and the step evaluated after in eval (``state.global_step``).
+        """
+        runner = self.monitor
+        if runner is None:
+            return NO_DECISION
+        state = trainer.state
+        return runner.observe(
+            result,
+            ctx.instability_meta_json,
+            training=training,
+            global_step=int(state.global_step) + (1 if training else 0),
+            epoch=None if state.epoch is None else float(state.epoch),
+            learning_rate=learning_rate_of(
+                getattr(trainer, "optimizer", None), getattr(trainer, "lr_scheduler", None), self.configured_lr
+            ),
         )
+
+    def exchange_stop(self, trainer: Any, decision: MonitorDecision) -> None:
+        """Step 8: the stop flag is agreed across ranks at every training micro-step, then applied once."""
+        runner = self.monitor
+        if runner is None:
+            return
+        if runner.exchange_stop(decision.stop_requested, trainer.args.device):
+            runner.apply_stop(trainer.control)
 
     def flush_metrics(self, *, train: bool) -> dict[str, float]:
         acc = self.train_acc if train else self.eval_acc
@@ -607,10 +782,6 @@ class SwiftStage1Engine:
                 "training.coord_offset.enabled with training.lora.enabled: the engine does not yet re-attach the "
                 "offset hooks after peft wrapping; use one of the two"
             )
-        if config.objective.instability_monitor.enabled:
-            raise SetupError(
-                "objective.instability_monitor.enabled: the Stage-1 engine does not run the monitor yet; set it to false"
-            )
         if training.lora.enabled:
             model = apply_lora(model, training.lora)
 
@@ -644,10 +815,16 @@ class SwiftStage1Engine:
 
         typer = None
         tt = config.objective.token_type_metrics
+        tokens_mode = config.data.coord_mode is CoordMode.TOKENS
+        type_settings = None
         if tt.enabled:
-            raise SetupError(
-                "objective.token_type_metrics.enabled: the Stage-1 engine does not emit the token/type metric "
-                "family yet; set it to false"
+            typer = token_typer(processor.tokenizer, encoder, coord_table, config)
+            type_settings = TokenTypeMetricSettings(
+                log_top5=bool(tt.log_top5),
+                coord_monitor_mass=bool(tt.coord_monitor_mass),
+                coord_monitor_mass_max_tokens=int(tt.coord_monitor_mass_max_tokens),
+                temperature=float(c.temperature),
+                tokens_mode=tokens_mode,
             )
         monitor = config.objective.instability_monitor
         collator = ProjectCollator(
@@ -657,7 +834,19 @@ class SwiftStage1Engine:
             max_meta_samples=int(monitor.max_meta_samples),
         )
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
         max_steps = int(training.max_steps) if training.max_steps else -1
+        diagnostics = BestEffortDiagnostics()
+        runner = None
+        if monitor.enabled:
+            runner = InstabilityRunner(
+                instability_settings(monitor),
+                dump_dir=Path(monitor.dump_dir) if monitor.dump_dir is not None
+                else Path(default_dump_dir(str(job.run_dir))),
+                rank=rank,
+                world_size=world_size,
+                diagnostics=diagnostics,
+            )
         args = Seq2SeqTrainingArguments(
             output_dir=str(job.run_dir),
             max_steps=max_steps,
@@ -710,7 +899,11 @@ class SwiftStage1Engine:
             resolved_config_path=job.resolved_config_path,
             processor=processor,
             world_size=world_size,
-            token_type_metrics=tt.enabled,
+            token_types=type_settings,
+            monitor=runner,
+            grad_steps=int(args.gradient_accumulation_steps),
+            configured_lr=float(training.learning_rate),
+            diagnostics=diagnostics,
         )
         trainer_cls = _make_trainer_class()
         trainer = trainer_cls(
@@ -733,6 +926,49 @@ class SwiftStage1Engine:
             step_losses=tuple(runtime.step_losses),
             last_checkpoint=checkpoints[-1] if checkpoints else None,
         )
+
+
+def token_typer(hf_tokenizer: Any, encoder: HFSampleEncoder, coord_table: CoordIdTable, config: Any) -> TargetTokenTyper:
+    """The collator's token typer (stage1.md §2): the supervised part of the template's assistant-turn end
+    (through ``<|im_end|>``) is the FORMAT suffix; ``include`` / ``exclude`` filter by dataset label."""
+    tt = config.objective.token_type_metrics
+    terminator = [int(i) for i in encoder.terminator_ids]
+    im_end = int(encoder.tokenizer.im_end_id)
+    supervised = terminator[: terminator.index(im_end) + 1]
+    return TargetTokenTyper.from_hf_tokenizer(
+        hf_tokenizer,
+        coord_ids=[int(i) for i in coord_table.ids],
+        field_order=config.data.field_order,
+        coord_mode=config.data.coord_mode,
+        dataset_filter=DatasetFilter(
+            include=None if tt.include is None else tuple(tt.include), exclude=tuple(tt.exclude)
+        ),
+        suffix=tuple(hf_tokenizer.convert_ids_to_tokens(supervised)),
+    )
+
+
+def instability_settings(monitor: Any) -> InstabilitySettings:
+    """``objective.instability_monitor`` as the pure monitor's settings (validated again there)."""
+    reasons: tuple[str, ...] = tuple(str(r) for r in monitor.early_stop.on_reasons)
+    return InstabilitySettings(
+        enabled=bool(monitor.enabled),
+        max_meta_samples=int(monitor.max_meta_samples),
+        ema_decay=float(monitor.ema_decay),
+        spike_factor=float(monitor.spike_factor),
+        abs_loss_threshold=float(monitor.abs_loss_threshold),
+        min_supervised_tokens=int(monitor.min_supervised_tokens),
+        min_token_acc=float(monitor.min_token_acc),
+        max_abs_logit=float(monitor.max_abs_logit),
+        detect_nonfinite=bool(monitor.detect_nonfinite),
+        detect_loss_spike=bool(monitor.detect_loss_spike),
+        detect_low_acc=bool(monitor.detect_low_acc),
+        dump_samples=bool(monitor.dump_samples),
+        dump_dir=None if monitor.dump_dir is None else str(monitor.dump_dir),
+        early_stop=EarlyStopSettings(
+            enabled=bool(monitor.early_stop.enabled), on_reasons=reasons  # type: ignore[arg-type]
+        ),
+        guard=GuardSettings(enabled=bool(monitor.guard.enabled), in_eval=bool(monitor.guard.in_eval)),
+    )
 
 
 def _grad_accum(training: Any, world_size: int) -> int:
