@@ -15,23 +15,36 @@ across ranks at every training micro-step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
+import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
 
-from adapters.hf.checkpoint import check_processor
-from adapters.hf.coord_offsets import coord_offset_param_groups, setup_coord_offsets
+from adapters.hf.checkpoint import check_processor, load_processor
+from adapters.hf.coord_offsets import (
+    attach_coord_offset_hooks,
+    coord_offset_param_groups,
+    setup_coord_offsets,
+)
 from adapters.hf.encoding import HFSampleEncoder
 from adapters.hf.tokenizer import HFTokenizer
 from adapters.storage.atomic import write_text_atomically as atomic_write_text
-from adapters.torch.collator import ProjectCollator, TargetTokenTyper, TrainItem, model_rope_index
+from adapters.torch.collator import (
+    ProjectCollator,
+    TargetTokenTyper,
+    TrainItem,
+    check_packed_inputs,
+    model_rope_index,
+)
 from adapters.torch.coord_loss import CoordLossKernel, CoordLossResult, lambda_for_backward
 from adapters.torch.instability import NO_DECISION, InstabilityRunner, learning_rate_of
 from adapters.torch.stage1_metrics import (
@@ -61,8 +74,15 @@ from domain.metrics_registry import (
     Mode,
 )
 from domain.objects import CoordMode, DetObject, Ordering
-from domain.ordering import shuffled_objects
-from domain.packing import PackingSettings, plan_packs
+from domain.ordering import mix_seed, shuffled_objects
+from domain.packing import (
+    PackingSettings,
+    PackPlan,
+    PlanFingerprint,
+    cached_or_planned,
+    plan_cache_text,
+    plan_packs,
+)
 from domain.prompts import PromptTexts, build_prompt
 from domain.records import Record
 from domain.token_types import DatasetFilter
@@ -71,6 +91,8 @@ from ports.tokenizer import ChatSample, SampleOrigin
 from ports.training import TrainingJob, TrainingOutcome
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+PLAN_CACHE_FILE = "pack_plan_cache.json"
+PLAN_REPORT_FILE = "pack_plan.json"
 BOOKKEEPING_KEYS = ("global_step", "max_steps", "epoch", "time", "elapsed_s")
 # The trainer's end-of-training summary is not a metric event (it restates the run, not a window).
 _SUMMARY_KEYS = frozenset(
@@ -123,7 +145,6 @@ class Stage1Dataset(torch.utils.data.Dataset[Any]):
         self.coord_mode = config.data.coord_mode
         self.ordering = config.data.ordering
         self.seed = int(config.run.seed)
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.units) if self.units is not None else len(self.sources)
@@ -148,9 +169,39 @@ class Stage1Dataset(torch.utils.data.Dataset[Any]):
         return TrainItem(self.encoder.encode_sample(chat), objects)
 
     def __getitem__(self, index: int) -> Any:
+        epoch, unit = divmod(int(index), len(self))
         if self.units is None:
-            return self.item(index, self.epoch)
-        return [self.item(i, self.epoch) for i in self.units[index]]
+            return self.item(unit, epoch)
+        return [self.item(i, epoch) for i in self.units[unit]]
+
+
+class EpochIndexSampler(torch.utils.data.Sampler[int]):
+    """Seeded per-epoch shuffle whose indices carry the epoch: ``epoch * n + i`` (data.md §2.5).
+
+    The trainer calls ``set_epoch`` before each epoch; the epoch then travels inside the index, so
+    dataloader worker processes see it too. The order is a pure function of (seed, epoch), so a resumed
+    run replays exactly the batches of the uninterrupted one.
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items = int(num_items)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int) -> list[int]:
+        order = list(range(self.num_items))
+        random.Random(mix_seed(self.seed, epoch)).shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.num_items
+        return iter([base + i for i in self.order(self.epoch)])
+
+    def __len__(self) -> int:
+        return self.num_items
 
 
 def _chat_sample(src: SampleSource, prompt: PromptTexts, objects: Sequence[DetObject], config: Any) -> ChatSample:
@@ -170,6 +221,23 @@ def build_sources(records: Sequence[Record], images: Sequence[Path]) -> list[Sam
     return [SampleSource(record=r, record_index=i, image_path=str(p)) for i, (r, p) in enumerate(zip(records, images))]
 
 
+@attrs.frozen
+class UnitPlan:
+    """What a split trains on: single samples (``units`` None) or the packs of a static plan."""
+
+    units: list[list[int]] | None
+    lengths: tuple[int, ...]
+    plan: PackPlan | None = None
+    reused_cache: bool = False
+    fingerprint: PlanFingerprint | None = None
+
+
+def plan_cache_text_for(plan: UnitPlan) -> str | None:
+    if plan.plan is None or plan.fingerprint is None:
+        return None
+    return plan_cache_text(plan.plan, plan.fingerprint, plan.lengths)
+
+
 def plan_units(
     sources: Sequence[SampleSource],
     encoder: HFSampleEncoder,
@@ -177,29 +245,81 @@ def plan_units(
     config: Any,
     *,
     packing: bool,
-) -> list[list[int]] | None:
-    """The static pack plan (data.md §8.2) over lengths computed without decoding images (§6.5)."""
+    drop_last: bool,
+    fingerprint_inputs: tuple[str, str] | None = None,
+    cache_text: str | None = None,
+) -> UnitPlan:
+    """Lengths without decoding images (data.md §6.5; over-long samples raise) and the static pack plan (§8.2).
+
+    ``fingerprint_inputs`` = (JSONL sha256, tokenizer+template sha256) enables the plan cache: a cached plan
+    with the same fingerprint and lengths is reused, anything else is rebuilt.
+    """
     training = config.training
     samples = [_chat_sample(s, prompt, s.record.objects, config) for s in sources]
-    lengths = encoder.checked_lengths(samples, training.max_length)
+    lengths = tuple(encoder.checked_lengths(samples, training.max_length))
     if not packing:
-        return None
-    plan = plan_packs(
-        lengths,
-        PackingSettings(
-            max_length=training.max_length,
-            packing_buffer=training.packing_buffer,
-            packing_min_fill_ratio=training.packing_min_fill_ratio,
-            packing_drop_last=training.packing_drop_last,
-        ),
-        seed=int(config.run.seed),
-        locations=[f"{s.record.source}:{s.record.line}" for s in sources],
+        return UnitPlan(None, lengths)
+    settings = PackingSettings(
+        max_length=training.max_length,
+        packing_buffer=training.packing_buffer,
+        packing_min_fill_ratio=training.packing_min_fill_ratio,
+        packing_drop_last=drop_last,
     )
-    return [list(p.members) for p in plan.packs]
+    locations = [f"{s.record.source}:{s.record.line}" for s in sources]
+    if fingerprint_inputs is None:
+        plan = plan_packs(lengths, settings, seed=int(config.run.seed), locations=locations)
+        return UnitPlan([list(p.members) for p in plan.packs], lengths, plan)
+    fingerprint = PlanFingerprint(
+        jsonl_sha256=fingerprint_inputs[0],
+        tokenizer_sha256=fingerprint_inputs[1],
+        prompt_texts=cast(Any, (prompt.system, prompt.user)),
+        coord_mode=str(config.data.coord_mode.value),
+        field_order=str(config.data.field_order.value),
+        settings=settings,
+        seed=int(config.run.seed),
+    )
+    plan, reused = cached_or_planned(cache_text, fingerprint, lengths, locations=locations)
+    return UnitPlan([list(p.members) for p in plan.packs], lengths, plan, reused, fingerprint)
+
+
+def plan_report(plan: PackPlan, sources: Sequence[SampleSource], *, reused: bool) -> dict[str, Any]:
+    """The plan report of data.md §8.2.8: statistics plus the samples a drop-last plan left out."""
+    stats = plan.stats()
+    return {
+        "schema_version": 1,
+        "packs": stats.packs,
+        "samples": stats.samples,
+        "mean_fill": stats.mean_fill,
+        "min_fill": stats.min_fill,
+        "dropped_samples": stats.dropped_samples,
+        "dropped": [f"{sources[i].record.source}:{sources[i].record.line}" for i in plan.dropped],
+        "capacity": plan.capacity,
+        "reused_cache": reused,
+    }
+
+
+def _sha256_files(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode("utf-8"))
+        digest.update(path.read_bytes() if path.is_file() else b"<absent>")
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(model_path: Path) -> str:
+    """Hash of the tokenizer and chat-template files of a checkpoint (the plan depends on them)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+             "special_tokens_map.json", "added_tokens.json")
+    return _sha256_files([Path(model_path) / n for n in names])
 
 
 # -------------------------------------------------------------------------------------------------
 # Window pre-pass (R6)
+
+
+def _is_packed(ctx: StepContext, inputs: Mapping[str, Any]) -> bool:
+    counts = ctx.pack_num_samples
+    return counts is not None and int(inputs["input_ids"].shape[0]) == 1 and int(counts.sum()) > 1
 
 
 def window_counts(batches: Sequence[Mapping[str, Any]], coord_mask: torch.Tensor) -> torch.Tensor:
@@ -254,6 +374,10 @@ def _make_trainer_class() -> type:
         def _get_data_collator(self, args: Any, template: Any) -> Any:
             return self.coordexp.collator
 
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            return EpochIndexSampler(len(dataset), int(self.args.seed))
+
         # R6: counts over the whole window before its first forward, all-reduced once per step.
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
             batch_samples: list[Any] = []
@@ -280,6 +404,8 @@ def _make_trainer_class() -> type:
             ctx = pop_step_context(inputs)
             if "logits_to_keep" in inputs:
                 raise StepError("logits_to_keep reached the model: Stage-1 needs full-length logits")
+            if _is_packed(ctx, inputs):
+                check_packed_inputs(inputs)  # 4-row positions, no mask, no cache (data.md §8.4)
             seq_len = int(inputs["input_ids"].shape[1])
             outputs = model(**inputs)
             if outputs.logits is not None and int(outputs.logits.shape[1]) != seq_len:
@@ -379,7 +505,8 @@ def _make_trainer_class() -> type:
                 model.train()
             self.log(dict(metrics))
             handler: Any = self.callback_handler
-            setattr(self, "control", handler.on_evaluate(self.args, self.state, getattr(self, "control"), metrics))
+            trainer: Any = self  # the transformers base class leaves ``control`` untyped
+            trainer.control = handler.on_evaluate(self.args, self.state, trainer.control, metrics)
             return metrics
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -413,6 +540,8 @@ class Stage1Runtime:
     monitor: InstabilityRunner | None = None  # objective.instability_monitor on
     grad_steps: int = 1  # configured G (accum/grad_steps)
     configured_lr: float = 0.0  # training.learning_rate (the monitor event's last fallback)
+    save_total_limit: int | None = None
+    best_metric_key: str | None = None
     diagnostics: BestEffortDiagnostics = attrs.field(factory=BestEffortDiagnostics)
     train_acc: MetricAccumulator = attrs.field(init=False)
     eval_acc: MetricAccumulator = attrs.field(init=False)
@@ -657,6 +786,27 @@ class Stage1Runtime:
             "files": files,
         }
         atomic_write_text(folder / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
+        self.rotate(folder.parent, getattr(state, "best_model_checkpoint", None))
+
+    def rotate(self, run_dir: Path, best: str | None) -> list[Path]:
+        """``training.save_total_limit`` over COMPLETE checkpoints only, oldest first, never the best or newest.
+
+        Directories without the marker are neither counted nor deleted (infer-eval-config.md §7.3).
+        """
+        limit = self.save_total_limit
+        if limit is None:
+            return []
+        complete = complete_checkpoints(run_dir)
+        protected = {complete[-1].resolve()} if complete else set()  # the newest is never rotated away
+        if best:
+            protected.add(Path(best).resolve())
+        removable = [p for p in complete if p.resolve() not in protected]
+        excess = len(complete) - limit
+        removed: list[Path] = []
+        for path in removable[: max(0, excess)]:
+            shutil.rmtree(path)
+            removed.append(path)
+        return removed
 
 
 _WARNED: set[str] = set()
@@ -695,8 +845,12 @@ def _freeze(model: Any, training: Any) -> None:
             param.requires_grad_(not training.freeze_llm)
 
 
-def apply_lora(model: Any, lora: Any) -> Any:
-    """``training.lora``: LoRA / DoRA adapters through peft (what ms-swift's tuners use); base weights frozen."""
+def apply_lora(model: Any, lora: Any, *, coord_offsets: bool = False) -> Any:
+    """``training.lora``: LoRA / DoRA adapters through peft (what ms-swift's tuners use); base weights frozen.
+
+    With coord offsets the adapter module is saved with the LoRA weights (``modules_to_save``) and its hooks
+    are re-attached to the active copy after wrapping (stage1.md §7.1).
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = list(lora.target_modules)
@@ -706,10 +860,13 @@ def apply_lora(model: Any, lora: Any) -> Any:
         lora_dropout=float(lora.dropout),
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         use_dora=bool(lora.use_dora),
-        modules_to_save=list(lora.modules_to_save) or None,
+        modules_to_save=(list(lora.modules_to_save) + (["coord_offset_adapter"] if coord_offsets else [])) or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    wrapped = get_peft_model(model, peft_config)
+    if coord_offsets:
+        attach_coord_offset_hooks(wrapped)
+    return wrapped
 
 
 def optimizer_groups(model: Any, training: Any) -> list[dict[str, Any]]:
@@ -744,6 +901,24 @@ class SwiftStage1Engine:
 
     callbacks: Sequence[Any] = ()
 
+    def _write_plan(self, job: TrainingJob, plan: UnitPlan, sources: Sequence[SampleSource], cache: Path) -> None:
+        assert plan.plan is not None
+        cache_body = None if plan.reused_cache else plan_cache_text_for(plan)
+        if cache_body is not None:
+            atomic_write_text(cache, cache_body)
+        report = plan_report(plan.plan, sources, reused=plan.reused_cache)
+        atomic_write_text(job.run_dir / PLAN_REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        print(
+            f"pack plan: {report['packs']} packs of {report['samples']} samples, mean fill {report['mean_fill']:.3f}, "
+            f"min fill {report['min_fill']:.3f}, dropped {report['dropped_samples']}"
+            + (" (reused cached plan)" if plan.reused_cache else "")
+        )
+        if report["dropped_samples"]:
+            warn_once(
+                f"training.packing_drop_last dropped {report['dropped_samples']} samples from the static plan: "
+                f"{report['dropped'][:10]}"
+            )
+
     def run(self, job: TrainingJob) -> TrainingOutcome:
         _offline_env()
         from swift import Seq2SeqTrainingArguments, get_model_processor, get_template
@@ -751,6 +926,44 @@ class SwiftStage1Engine:
         config = job.config
         training = config.training
         torch.manual_seed(int(config.run.seed))
+        rank = int(os.environ.get("RANK", "0"))
+
+        # Lengths, over-length errors and the pack plan need only the tokenizer: all before the model loads.
+        early_processor = load_processor(job.model_path)
+        check_processor(early_processor, job.model_path)
+        tokenizer = HFTokenizer(early_processor.tokenizer)
+        coord_table = tokenizer.coord_ids
+        encoder = HFSampleEncoder(early_processor, tokenizer)
+        prompt = build_prompt(
+            config.prompt.variant,
+            config.data.coord_mode,
+            config.data.ordering,
+            config.data.field_order,
+            system_override=config.prompt.system,
+            user_override=config.prompt.user,
+        )
+        train_sources = build_sources(job.train_records, job.train_images)
+        cache_path = job.run_dir / PLAN_CACHE_FILE
+        train_plan = plan_units(
+            train_sources, encoder, prompt, config,
+            packing=training.packing,
+            drop_last=training.packing_drop_last,
+            fingerprint_inputs=(
+                _sha256_files(sorted({Path(r.source) for r in job.train_records})),
+                tokenizer_fingerprint(job.model_path),
+            ),
+            cache_text=cache_path.read_text(encoding="utf-8") if cache_path.is_file() else None,
+        )
+        if train_plan.plan is not None and rank == 0:
+            self._write_plan(job, train_plan, train_sources, cache_path)
+        train_ds = Stage1Dataset(train_sources, train_plan.units, encoder, prompt, config)
+        eval_ds = None
+        if job.val_records:
+            val_sources = build_sources(job.val_records, job.val_images or ())
+            # eval_packing never drops a validation sample (data.md §8.1)
+            eval_plan = plan_units(val_sources, encoder, prompt, config, packing=training.eval_packing, drop_last=False)
+            eval_ds = Stage1Dataset(val_sources, eval_plan.units, encoder, prompt, config)
+
         dtype = _torch_dtype(config.model.dtype)
         attn = config.model.attn_implementation
         model, processor = get_model_processor(
@@ -762,11 +975,8 @@ class SwiftStage1Engine:
             attn_impl=None if attn == "auto" else attn,
         )
         check_processor(processor, job.model_path)
-        tokenizer = HFTokenizer(processor.tokenizer)
-        coord_table = tokenizer.coord_ids
         vocab = int(model.get_output_embeddings().weight.shape[0])
         coord_table.check_vocab_size(vocab)
-        encoder = HFSampleEncoder(processor, tokenizer)
         template = get_template(processor, template_type="qwen3_vl", max_length=training.max_length)
         # ms-swift's Qwen-VL template carries Qwen's real image/video ids; ours come from the processor.
         template.image_token_id = int(processor.image_token_id)
@@ -777,13 +987,8 @@ class SwiftStage1Engine:
         setup_coord_offsets(model, coord_table, training)  # no-op unless training.coord_offset.enabled
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if training.coord_offset.enabled and training.lora.enabled:
-            raise SetupError(
-                "training.coord_offset.enabled with training.lora.enabled: the engine does not yet re-attach the "
-                "offset hooks after peft wrapping; use one of the two"
-            )
         if training.lora.enabled:
-            model = apply_lora(model, training.lora)
+            model = apply_lora(model, training.lora, coord_offsets=training.coord_offset.enabled)
 
         c = config.objective.coord_soft_ce_w1
         settings = CoordLossSettings(
@@ -796,22 +1001,6 @@ class SwiftStage1Engine:
             target_sigma=c.target_sigma,
             target_truncate=c.target_truncate,
         )
-        prompt = build_prompt(
-            config.prompt.variant,
-            config.data.coord_mode,
-            config.data.ordering,
-            config.data.field_order,
-            system_override=config.prompt.system,
-            user_override=config.prompt.user,
-        )
-        train_sources = build_sources(job.train_records, job.train_images)
-        units = plan_units(train_sources, encoder, prompt, config, packing=training.packing)
-        train_ds = Stage1Dataset(train_sources, units, encoder, prompt, config)
-        eval_ds = None
-        if job.val_records:
-            val_sources = build_sources(job.val_records, job.val_images or ())
-            eval_units = plan_units(val_sources, encoder, prompt, config, packing=training.eval_packing)
-            eval_ds = Stage1Dataset(val_sources, eval_units, encoder, prompt, config)
 
         typer = None
         tt = config.objective.token_type_metrics
@@ -831,10 +1020,10 @@ class SwiftStage1Engine:
             pad_id=tokenizer.pad_id,
             rope_index=model_rope_index(model),
             token_typer=typer,
-            max_meta_samples=int(monitor.max_meta_samples),
+            # the non-finite error names every sample of the window (§6.3); the monitor may cap its own meta
+            max_meta_samples=int(monitor.max_meta_samples) if monitor.enabled else 0,
         )
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
         max_steps = int(training.max_steps) if training.max_steps else -1
         diagnostics = BestEffortDiagnostics()
         runner = None
@@ -864,13 +1053,12 @@ class SwiftStage1Engine:
             eval_steps=training.eval_steps,
             save_strategy=training.save_strategy,
             save_steps=training.save_steps,
-            save_total_limit=training.save_total_limit,
+            save_total_limit=None,  # rotation is ours: it only ever counts complete checkpoints
             save_only_model=training.save_only_model,
             metric_for_best_model=training.metric_for_best_model,
             greater_is_better=training.greater_is_better,
             load_best_model_at_end=False,
             report_to=list(training.report_to),
-            logging_dir=str(job.run_dir / "tensorboard"),
             seed=int(config.run.seed),
             data_seed=int(config.run.seed),
             dataloader_num_workers=training.dataloader_num_workers,
@@ -881,7 +1069,7 @@ class SwiftStage1Engine:
             average_tokens_across_devices=True,
             bf16=config.model.dtype == "bfloat16" and torch.cuda.is_available(),
             fp16=config.model.dtype == "float16" and torch.cuda.is_available(),
-            deepspeed=str(training.deepspeed) if training.deepspeed else None,
+            deepspeed=_checked_deepspeed(training.deepspeed),
             gradient_checkpointing=training.gradient_checkpointing,
             disable_tqdm=False,
             check_model=False,
@@ -902,6 +1090,8 @@ class SwiftStage1Engine:
             token_types=type_settings,
             monitor=runner,
             grad_steps=int(args.gradient_accumulation_steps),
+            save_total_limit=training.save_total_limit,
+            best_metric_key=training.metric_for_best_model,
             configured_lr=float(training.learning_rate),
             diagnostics=diagnostics,
         )
@@ -969,6 +1159,26 @@ def instability_settings(monitor: Any) -> InstabilitySettings:
         ),
         guard=GuardSettings(enabled=bool(monitor.guard.enabled), in_eval=bool(monitor.guard.in_eval)),
     )
+
+
+def _checked_deepspeed(path: Path | None) -> str | None:
+    """A DeepSpeed JSON whose ``gradient_accumulation_steps`` is ``auto`` (the trainer's), else a setup error.
+
+    Any other value would let DeepSpeed scale the loss by its own accumulation count (stage1.md §1.6).
+    """
+    if path is None:
+        return None
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"training.deepspeed: cannot read {path}: {exc}") from exc
+    value = document.get("gradient_accumulation_steps", "auto") if isinstance(document, dict) else None
+    if value != "auto":
+        raise SetupError(
+            f"training.deepspeed: {path} sets gradient_accumulation_steps = {value!r}; write \"auto\" so the "
+            "trainer owns accumulation and DeepSpeed never rescales the loss (stage1.md §1.6)"
+        )
+    return str(path)
 
 
 def _grad_accum(training: Any, world_size: int) -> int:

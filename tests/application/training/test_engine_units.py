@@ -1,0 +1,100 @@
+"""Engine pieces without a model: epoch-carrying sampler, object order per epoch, checkpoint rotation, DeepSpeed check."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.swift.stage1 import (
+    COMPLETE_MARKER,
+    EpochIndexSampler,
+    SampleSource,
+    Stage1Dataset,
+    Stage1Runtime,
+    _checked_deepspeed,
+)
+from domain.errors import SetupError
+from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind, Ordering
+from domain.prompts import PromptTexts
+from domain.records import Record
+
+
+def test_sampler_indices_carry_the_epoch_and_shuffle_per_epoch() -> None:
+    sampler = EpochIndexSampler(5, seed=17)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(3)
+    later = list(sampler)
+    assert sorted(first) == [0, 1, 2, 3, 4]
+    assert sorted(later) == [15, 16, 17, 18, 19]
+    assert [i - 15 for i in later] != first  # another epoch, another order (fixed seed: not a flake)
+    sampler.set_epoch(3)
+    assert list(sampler) == later  # a pure function of (seed, epoch): resume replays it
+
+
+class _EchoEncoder:
+    def encode_sample(self, chat: Any) -> Any:
+        return chat.target
+
+
+def _dataset(ordering: Ordering) -> Stage1Dataset:
+    objects = tuple(
+        DetObject(f"o{k}", GeometryKind.BBOX, (10 * k, 10 * k, 10 * k + 5, 10 * k + 5)) for k in range(6)
+    )
+    record = Record(images=("a.jpg",), width=64, height=64, objects=objects, category_ids=(None,) * 6,
+                    ann_ids=(None,) * 6, line=1, source="x.jsonl")
+    config = types.SimpleNamespace(
+        data=types.SimpleNamespace(field_order=FieldOrder.DESC_FIRST, coord_mode=CoordMode.TOKENS, ordering=ordering),
+        run=types.SimpleNamespace(seed=17),
+    )
+    sources = [SampleSource(record=record, record_index=0, image_path="a.jpg")]
+    return Stage1Dataset(sources, None, _EchoEncoder(), PromptTexts("s", "u"), config)  # type: ignore[arg-type]
+
+
+def test_random_ordering_changes_with_the_epoch_carried_by_the_index() -> None:
+    ds = _dataset(Ordering.RANDOM)
+    by_epoch = [ds[epoch * len(ds)].sample for epoch in range(4)]
+    assert len(set(by_epoch)) > 1
+    assert ds[2 * len(ds)].sample == by_epoch[2]  # same (seed, epoch, index) -> same order
+    assert _dataset(Ordering.SORTED)[0].sample == _dataset(Ordering.SORTED)[3].sample
+
+
+def _ckpt(run: Path, step: int, complete: bool) -> Path:
+    path = run / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / COMPLETE_MARKER).write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_rotation_counts_and_deletes_only_complete_checkpoints(tmp_path: Path) -> None:
+    for step, complete in ((3, True), (5, False), (6, True), (9, True)):
+        _ckpt(tmp_path, step, complete)
+    runtime = types.SimpleNamespace(save_total_limit=2)
+    removed = Stage1Runtime.rotate(runtime, tmp_path, None)  # type: ignore[arg-type]
+    assert [p.name for p in removed] == ["checkpoint-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "checkpoint-6", "checkpoint-9"]
+
+
+def test_rotation_never_deletes_the_best_checkpoint(tmp_path: Path) -> None:
+    best = _ckpt(tmp_path, 2, True)
+    for step in (4, 6):
+        _ckpt(tmp_path, step, True)
+    runtime = types.SimpleNamespace(save_total_limit=1)
+    Stage1Runtime.rotate(runtime, tmp_path, str(best))  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6"]
+
+
+def test_deepspeed_config_must_leave_accumulation_to_the_trainer(tmp_path: Path) -> None:
+    good = tmp_path / "ds_auto.json"
+    good.write_text(json.dumps({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 2}}))
+    assert _checked_deepspeed(good) == str(good)
+    bad = tmp_path / "ds_4.json"
+    bad.write_text(json.dumps({"gradient_accumulation_steps": 4}))
+    with pytest.raises(SetupError, match="gradient_accumulation_steps = 4"):
+        _checked_deepspeed(bad)
+    assert _checked_deepspeed(None) is None
