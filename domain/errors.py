@@ -119,7 +119,8 @@ class BestEffortDiagnostics:
         except Exception as exc:  # noqa: BLE001 - diagnostics are best-effort by contract (D15)
             self.disabled[name] = f"{type(exc).__name__}: {exc}"
             warnings.warn(
-                f"diagnostic '{name}' failed and is disabled for the rest of the run: {exc!r}",
+                f"Diagnostic '{name}' failed (best-effort): {type(exc).__name__}: {exc}; "
+                "disabled for the rest of the run",
                 RuntimeWarning,
                 stacklevel=2,
             )
