@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -74,7 +73,7 @@ from domain.metrics_registry import (
     Mode,
 )
 from domain.objects import CoordMode, DetObject, Ordering
-from domain.ordering import mix_seed, shuffled_objects
+from domain.ordering import shuffled_objects
 from domain.packing import (
     PackingSettings,
     PackPlan,
@@ -175,33 +174,30 @@ class Stage1Dataset(torch.utils.data.Dataset[Any]):
         return [self.item(i, epoch) for i in self.units[unit]]
 
 
-class EpochIndexSampler(torch.utils.data.Sampler[int]):
-    """Seeded per-epoch shuffle whose indices carry the epoch: ``epoch * n + i`` (data.md §2.5).
+def epoch_index_batch_sampler(num_items: int, *, batch_size: int, drop_last: bool, seed: int) -> Any:
+    """ms-swift's rank-sharded, per-epoch-seeded batch sampler whose indices carry the epoch (data.md §2.5).
 
-    The trainer calls ``set_epoch`` before each epoch; the epoch then travels inside the index, so
-    dataloader worker processes see it too. The order is a pure function of (seed, epoch), so a resumed
-    run replays exactly the batches of the uninterrupted one.
+    Each index is ``epoch * num_items + i``: the epoch then reaches the dataset inside dataloader worker
+    processes too. Shuffling, rank sharding and resume skipping stay ms-swift's / accelerate's.
     """
+    from swift.dataloader import BatchSamplerShard
 
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items = int(num_items)
-        self.seed = int(seed)
-        self.epoch = 0
+    class EpochIndexBatchSampler(BatchSamplerShard):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__(num_items, batch_size=batch_size, shuffle=True, drop_last=drop_last, data_seed=seed)
+            self.num_items = num_items
+            self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        def set_epoch(self, epoch: int) -> None:
+            super().set_epoch(epoch)
+            self.epoch = int(epoch)
 
-    def order(self, epoch: int) -> list[int]:
-        order = list(range(self.num_items))
-        random.Random(mix_seed(self.seed, epoch)).shuffle(order)
-        return order
+        def __iter__(self) -> Iterator[list[int]]:
+            base = self.epoch * self.num_items
+            for batch in super().__iter__():
+                yield [base + int(i) for i in batch]
 
-    def __iter__(self) -> Iterator[int]:
-        base = self.epoch * self.num_items
-        return iter([base + i for i in self.order(self.epoch)])
-
-    def __len__(self) -> int:
-        return self.num_items
+    return EpochIndexBatchSampler()
 
 
 def _chat_sample(src: SampleSource, prompt: PromptTexts, objects: Sequence[DetObject], config: Any) -> ChatSample:
@@ -374,9 +370,32 @@ def _make_trainer_class() -> type:
         def _get_data_collator(self, args: Any, template: Any) -> Any:
             return self.coordexp.collator
 
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            return EpochIndexSampler(len(dataset), int(self.args.seed))
+        def get_train_dataloader(self, skip_batches: int = 0) -> Any:
+            """ms-swift's map-style train loader, with a batch sampler whose indices carry the epoch."""
+            from functools import partial
+
+            from accelerate.data_loader import SkipBatchSampler
+            from swift.dataloader import DataLoaderShard
+            from transformers.trainer_utils import seed_worker
+
+            args = self.args
+            batch_sampler: Any = epoch_index_batch_sampler(
+                len(self.train_dataset), batch_size=self._train_batch_size,
+                drop_last=args.dataloader_drop_last, seed=int(args.data_seed if args.data_seed is not None else args.seed),
+            )
+            if skip_batches > 0:
+                batch_sampler = SkipBatchSampler(batch_sampler, skip_batches=skip_batches)
+            params: dict[str, Any] = {
+                "collate_fn": self.data_collator,
+                "num_workers": args.dataloader_num_workers,
+                "pin_memory": args.dataloader_pin_memory,
+                "persistent_workers": args.dataloader_persistent_workers,
+                "batch_sampler": batch_sampler,
+                "worker_init_fn": partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+            }
+            if args.dataloader_num_workers > 0:
+                params["prefetch_factor"] = args.dataloader_prefetch_factor
+            return DataLoaderShard(self.train_dataset, device=self.accelerator.device, **params)
 
         # R6: counts over the whole window before its first forward, all-reduced once per step.
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:

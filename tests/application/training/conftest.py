@@ -96,3 +96,12 @@ def make_config(tmp_path: Path) -> Callable[..., Path]:
         return write_config(tmp_path, train_jsonl, **sections)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def eight_records(shapes3_bbox: Path) -> Path:
+    """Eight records (the three shapes3 images repeated in order, cut at eight) for short-window tests."""
+    lines = [ln for ln in shapes3_bbox.read_text().splitlines() if ln.strip()]
+    target = shapes3_bbox.parent / "eight.jsonl"
+    target.write_text("\n".join((lines * 3)[:8]) + "\n")
+    return target

@@ -11,7 +11,7 @@ import pytest
 
 from adapters.swift.stage1 import (
     COMPLETE_MARKER,
-    EpochIndexSampler,
+    epoch_index_batch_sampler,
     SampleSource,
     Stage1Dataset,
     Stage1Runtime,
@@ -23,17 +23,22 @@ from domain.prompts import PromptTexts
 from domain.records import Record
 
 
-def test_sampler_indices_carry_the_epoch_and_shuffle_per_epoch() -> None:
-    sampler = EpochIndexSampler(5, seed=17)
+def test_batch_sampler_indices_carry_the_epoch_and_shuffle_per_epoch() -> None:
+    sampler = epoch_index_batch_sampler(5, batch_size=2, drop_last=False, seed=17)
     sampler.set_epoch(0)
-    first = list(sampler)
+    first = [i for batch in sampler for i in batch]
     sampler.set_epoch(3)
-    later = list(sampler)
+    later = [i for batch in sampler for i in batch]
     assert sorted(first) == [0, 1, 2, 3, 4]
     assert sorted(later) == [15, 16, 17, 18, 19]
-    assert [i - 15 for i in later] != first  # another epoch, another order (fixed seed: not a flake)
+    assert [len(b) for b in sampler] == [2, 2, 1]
     sampler.set_epoch(3)
-    assert list(sampler) == later  # a pure function of (seed, epoch): resume replays it
+    assert [i for batch in sampler for i in batch] == later  # a pure function of (seed, epoch): resume replays it
+    orders = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(i - 5 * epoch for batch in sampler for i in batch))
+    assert len(orders) > 1  # epochs are shuffled differently (fixed seed: not a flake)
 
 
 class _EchoEncoder:

@@ -252,3 +252,27 @@ def test_lora_run_saves_an_adapter_and_leaves_base_weights_frozen(
     adapter = json.loads((ckpt / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
     assert (ckpt / "checkpoint_complete.json").is_file()
+
+
+def test_random_ordering_reaches_the_dataset_with_the_epoch(
+    shapes3_bbox: Path, make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.md §2.5 / test 22: over 2 epochs the trainer's indices carry the epoch, so objects are reshuffled."""
+    from adapters.swift import stage1
+
+    seen: list[int] = []
+    targets: dict[int, str] = {}
+    original = stage1.Stage1Dataset.__getitem__
+
+    def spy(self: Any, index: int) -> Any:
+        seen.append(int(index))
+        item = original(self, index)
+        targets[int(index)] = str(item.sample.input_ids.tolist())
+        return item
+
+    monkeypatch.setattr(stage1.Stage1Dataset, "__getitem__", spy)
+    cfg = make_config(shapes3_bbox, data={"train_jsonl": str(shapes3_bbox), "ordering": "random"},
+                      training={"max_steps": 6, "packing": False})
+    _run(cfg)
+    assert sorted(i for i in seen if i < 3) == [0, 1, 2] and sorted(i for i in seen if i >= 3) == [3, 4, 5]
+    assert any(targets[i] != targets[i + 3] for i in range(3))  # the same record, another epoch, another order
