@@ -946,6 +946,8 @@ class SwiftStage1Engine:
         training = config.training
         torch.manual_seed(int(config.run.seed))
         rank = int(os.environ.get("RANK", "0"))
+        # The trainer's arguments create the process group under a launcher; a group made by our caller stays.
+        group_was_ours = not _distributed_ready()
 
         # Lengths, over-length errors and the pack plan need only the tokenizer: all before the model loads.
         early_processor = load_processor(job.model_path)
@@ -1130,11 +1132,29 @@ class SwiftStage1Engine:
         resume = str(job.resume_from) if job.resume_from is not None else None
         trainer.train(resume_from_checkpoint=resume)
         checkpoints = complete_checkpoints(job.run_dir)
+        if group_was_ours and _distributed_ready():
+            # Not on the error path (a rank that raised would leave the others waiting in the barrier).
+            release_process_group(trainer)
         return TrainingOutcome(
             global_step=int(trainer.state.global_step),
             step_losses=tuple(runtime.step_losses),
             last_checkpoint=checkpoints[-1] if checkpoints else None,
         )
+
+
+def _distributed_ready() -> bool:
+    return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def release_process_group(trainer: Any) -> None:
+    """After a finished run on every rank: barrier, then destroy the process group the trainer created.
+
+    Left alive, gloo's worker threads can still hold tensors while the interpreter finalises, and a run
+    that finished aborts at exit (SIGABRT, "terminate called without an active exception"), so torchrun
+    reports the rank as failed. ``end_training`` is accelerate's public way to destroy the group.
+    """
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def token_typer(hf_tokenizer: Any, encoder: HFSampleEncoder, coord_table: CoordIdTable, config: Any) -> TargetTokenTyper:

@@ -8,54 +8,49 @@ and the ``evaluate`` override are the code under test. The W = 2 test launches t
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from test_stage1_train import GradientSpy, _grads_for, _run, read_log
+from test_stage1_train import _grads_for, _run, read_log
 
 import adapters.swift.stage1 as stage1_module
-from adapters.swift.stage1 import SwiftStage1Engine
 from adapters.torch import coord_loss
-from application.config import load_config
-from application.train import train
 from domain.losses import MicroBatchSums, eval_objective, micro_batch_reference
 
 pytestmark = pytest.mark.slow
 
 # fp32 forward/backward over a differently split batch sums the same terms in another order; gradient
-# entries near zero then differ in the last bits, so the absolute floor is far below any real entry.
+# entries near zero then differ in the last bits. The absolute floor (1e-7) is ~1e-7 of the gradient norm
+# (~5 on these runs), so it forgives rounding only, never a scaling error (the /G mistake is off by 3-4x).
 RTOL = 1e-5
 ATOL = 1e-7
 
 
 def _max_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(max |a-b|, max |a-b| / max(|b|, 1e-3 · max|b|)) over every tensor."""
-    worst_abs = worst_rel = 0.0
-    for key in a:
-        d = (a[key].double() - b[key].double()).abs()
-        scale = b[key].double().abs()
-        floor = max(1e-3 * float(scale.max()), 1e-30)
+    """(max |a - b|, the smallest rtol with which ``assert_close(atol=ATOL)`` passes) over every tensor."""
+    worst_abs = needed_rtol = 0.0
+    for key, value in a.items():
+        d = (value.double() - b[key].double()).abs()
         worst_abs = max(worst_abs, float(d.max()))
-        worst_rel = max(worst_rel, float((d / scale.clamp_min(floor)).max()))
-    return worst_abs, worst_rel
+        needed_rtol = max(needed_rtol, float(((d - ATOL).clamp_min(0.0) / b[key].double().abs()).nan_to_num().max()))
+    return worst_abs, needed_rtol
 
 
 def _assert_equal_steps(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], label: str) -> None:
     assert a.keys() == b.keys(), label
     assert float(a["__loss__"]) == pytest.approx(float(b["__loss__"]), rel=RTOL), label
-    worst_abs, worst_rel = _max_differences(a, b)
+    worst_abs, needed_rtol = _max_differences({k: v for k, v in a.items() if k != "__loss__"}, b)
     print(f"{label}: loss {float(a['__loss__']):.8f} vs {float(b['__loss__']):.8f}; "
-          f"max |dg| {worst_abs:.3e}, max rel {worst_rel:.3e}")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{label} {k}: {m}")
+          f"max |dg| {worst_abs:.3e}, rtol needed at atol {ATOL:g}: {needed_rtol:.3e}")
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{label} {k}: {m}")
 
 
 def _coord_pairs_in(jsonl: Path) -> int:
@@ -332,7 +327,8 @@ def make_trainer_class():
                 batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             finally:
                 inside["on"] = False
-            windows.append({"micro_batches": [int(b["labels"].shape[0]) for b in batches],
+            windows.append({"world_size": dist.get_world_size(),
+                            "micro_batches": [int(b["labels"].shape[0]) for b in batches],
                             "local": local_counts[-1], "reduced": [int(v) for v in self._window.tolist()],
                             "all_reduce_calls": inside["all_reduce"]})
             return batches, num_items
@@ -358,7 +354,7 @@ cfg = write_config(
 )
 outcome = train(load_config(cfg, entry_point="train"), SwiftStage1Engine(callbacks=[FirstStepGradients()]))
 (work / "outcome.json").write_text(json.dumps({"global_step": outcome.global_step, "losses": list(outcome.step_losses),
-                                               "world_size": dist.get_world_size(), "windows": windows}))
+                                               "group_released": not dist.is_initialized(), "windows": windows}))
 '''
 
 
@@ -383,14 +379,15 @@ def test_two_ranks_reduce_to_the_single_rank_gradients_and_loss(
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          str(tmp_path / "w2"), str(four_records), str(Path(__file__).resolve().parent)],
-        env=env, capture_output=True, text=True, timeout=240,
+        env=env, capture_output=True, text=True, timeout=240, check=False,
     )
-    Path("/tmp/w2_stderr.log").write_text(proc.stderr)  # DEBUG
     assert proc.returncode == 0, proc.stderr[-4000:]
     outcomes = [json.loads((tmp_path / "w2" / f"r{r}" / "outcome.json").read_text()) for r in (0, 1)]
-    assert [o["world_size"] for o in outcomes] == [2, 2]
+    # the engine destroys the process group it created once the run finished (no SIGABRT at exit)
+    assert [o["group_released"] for o in outcomes] == [True, True]
     assert [o["global_step"] for o in outcomes] == [2, 2]
     for o in outcomes:
+        assert [w["world_size"] for w in o["windows"]] == [2, 2]
         assert [w["micro_batches"] for w in o["windows"]] == [[1, 1], [1, 1]]
         assert [w["all_reduce_calls"] for w in o["windows"]] == [1, 1]  # once per optimizer step
     first = [o["windows"][0] for o in outcomes]
