@@ -17,7 +17,7 @@ from adapters.swift.stage1 import (
     Stage1Runtime,
     _checked_deepspeed,
 )
-from domain.errors import SetupError
+from domain.errors import SetupError, StepError
 from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind, Ordering
 from domain.prompts import PromptTexts
 from domain.records import Record
@@ -103,3 +103,55 @@ def test_deepspeed_config_must_leave_accumulation_to_the_trainer(tmp_path: Path)
     with pytest.raises(SetupError, match="gradient_accumulation_steps = 4"):
         _checked_deepspeed(bad)
     assert _checked_deepspeed(None) is None
+
+
+# --- startup knobs and step-time shape checks (stage1.md §1.6, §6.2-§6.3, test 23) ------------------------
+
+
+def _trainer(**arg_overrides: Any) -> Any:
+    args = dict(n_gpu=1, average_tokens_across_devices=True, remove_unused_columns=False, use_logits_to_keep=False,
+                use_liger_kernel=False)
+    args.update(arg_overrides)
+    return types.SimpleNamespace(args=types.SimpleNamespace(**args), loss_is_scaled_for_ga=None,
+                                 model_accepts_loss_kwargs=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"n_gpu": 2}, "n_gpu > 1"),
+        ({"remove_unused_columns": True}, "remove_unused_columns"),
+        ({"use_logits_to_keep": None}, "use_logits_to_keep"),
+        ({"use_liger_kernel": True}, "use_liger_kernel"),
+        ({"average_tokens_across_devices": False}, "average_tokens_across_devices"),
+    ],
+)
+def test_engine_knobs_that_would_change_the_objective_are_setup_errors(override: dict[str, Any], message: str) -> None:
+    Stage1Runtime.check_engine(types.SimpleNamespace(), _trainer())  # type: ignore[arg-type]  # the good setup passes
+    with pytest.raises(SetupError, match=message):
+        Stage1Runtime.check_engine(types.SimpleNamespace(), _trainer(**override))  # type: ignore[arg-type]
+
+
+def test_a_trainer_that_would_divide_by_the_accumulation_steps_is_refused() -> None:
+    trainer = _trainer()
+    trainer.loss_is_scaled_for_ga = False
+    with pytest.raises(SetupError, match="gradient_accumulation_steps"):
+        Stage1Runtime.check_engine(types.SimpleNamespace(), trainer)  # type: ignore[arg-type]
+
+
+def test_last_position_logits_are_a_step_error_naming_both_shapes() -> None:
+    import torch
+
+    from adapters.torch.step_context import StepContext
+    from domain.coord_tokens import CoordIdTable, all_coord_tokens
+
+    table = CoordIdTable.from_vocab({t: 10 + k for k, t in enumerate(all_coord_tokens())})
+    runtime = types.SimpleNamespace(coord_table=table)
+    labels = torch.full((1, 6), -100, dtype=torch.long)
+    ctx = StepContext(labels=labels, extras={})
+    last_only = torch.zeros(1, 1, 1100)
+    with pytest.raises(StepError, match=r"logits \[1, 1, 1100\] do not cover labels \[1, 6\]"):
+        Stage1Runtime.loss(runtime, last_only, ctx, 7)  # type: ignore[arg-type]
+    narrow_vocab = torch.zeros(1, 6, 500)
+    with pytest.raises(StepError, match="global_step=7"):
+        Stage1Runtime.loss(runtime, narrow_vocab, ctx, 7)  # type: ignore[arg-type]

@@ -47,3 +47,25 @@ def test_coord_offsets_alone_move_only_the_coord_rows(shapes3_bbox: Path, make_c
     embed = next(v for k, v in offsets.items() if "embed" in k)
     assert embed.shape[0] == 1000
     assert float(embed.abs().sum()) > 0.0
+
+
+def test_lora_with_coord_offsets_trains_and_saves_both(shapes3_bbox: Path, make_config: Callable[..., Path]) -> None:
+    """The production combination (DoRA + coord offsets): the offsets ride along as a saved module of the
+    adapter checkpoint and keep training through their hooks on the peft-wrapped model."""
+    from safetensors.torch import load_file
+
+    cfg = make_config(
+        shapes3_bbox,
+        training={"max_steps": 2, "save_strategy": "steps", "save_steps": 2,
+                  "lora": {"enabled": True, "use_dora": True, "rank": 4, "alpha": 8},
+                  "coord_offset": {"enabled": True, "tie_head": True}},
+    )
+    loaded = load_config(cfg, entry_point="train")
+    outcome = train(loaded)
+    assert outcome.global_step == 2
+    ckpt = Path(loaded.config.run.output_dir) / "t" / "checkpoint-2"
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    offsets = {k: v for k, v in adapter.items() if "coord_offset_adapter" in k}
+    assert offsets, sorted(adapter)[:8]
+    assert any(float(v.abs().sum()) > 0 for v in offsets.values())
+    assert any("lora" in k for k in adapter)
