@@ -174,30 +174,99 @@ class Stage1Dataset(torch.utils.data.Dataset[Any]):
         return [self.item(i, epoch) for i in self.units[unit]]
 
 
-def epoch_index_batch_sampler(num_items: int, *, batch_size: int, drop_last: bool, seed: int) -> Any:
-    """ms-swift's rank-sharded, per-epoch-seeded batch sampler whose indices carry the epoch (data.md §2.5).
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    Each index is ``epoch * num_items + i``: the epoch then reaches the dataset inside dataloader worker
-    processes too. Shuffling, rank sharding and resume skipping stay ms-swift's / accelerate's.
+
+class EpochIndexBatchSampler:
+    """The train batch sampler: per-epoch seeded shuffle, rank sharding, and indices that carry the epoch.
+
+    - Index ``epoch * num_items + i`` (data.md §2.5): the epoch reaches the dataset inside workers too.
+    - Every item is trained every epoch: the shuffled order is padded to a multiple of W by repeating its
+      first items (at most W - 1 repeats, data.md §8.2.7), never truncated, then strided over the ranks.
+    - A pure function of (seed, epoch, rank, W), so a resumed run replays the same batches; ``epoch`` is what
+      ms-swift reads back when it rebuilds the loader to skip already-trained batches.
     """
-    from swift.dataloader import BatchSamplerShard
 
-    class EpochIndexBatchSampler(BatchSamplerShard):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__(num_items, batch_size=batch_size, shuffle=True, drop_last=drop_last, data_seed=seed)
-            self.num_items = num_items
-            self.epoch = 0
+    def __init__(
+        self, num_items: int, *, batch_size: int, drop_last: bool, seed: int,
+        rank: int | None = None, world_size: int | None = None,
+    ) -> None:
+        self.num_items = int(num_items)
+        self.batch_size = int(batch_size)
+        self.drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._rank, self._world = rank, world_size
 
-        def set_epoch(self, epoch: int) -> None:
-            super().set_epoch(epoch)
-            self.epoch = int(epoch)
+    def _rank_world(self) -> tuple[int, int]:
+        if self._rank is not None and self._world is not None:
+            return self._rank, self._world
+        return _dist_rank_world()
 
-        def __iter__(self) -> Iterator[list[int]]:
-            base = self.epoch * self.num_items
-            for batch in super().__iter__():
-                yield [base + int(i) for i in batch]
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
-    return EpochIndexBatchSampler()
+    def rank_indices(self) -> list[int]:
+        rank, world = self._rank_world()
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        padded = -(-self.num_items // world) * world
+        order = [order[k % self.num_items] for k in range(padded)]
+        return order[rank::world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        base = self.epoch * self.num_items
+        indices = [base + i for i in self.rank_indices()]
+        for k in range(0, len(indices), self.batch_size):
+            batch = indices[k:k + self.batch_size]
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        _, world = self._rank_world()
+        per_rank = -(-self.num_items // world)
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+
+def epoch_index_batch_sampler(num_items: int, *, batch_size: int, drop_last: bool, seed: int) -> EpochIndexBatchSampler:
+    return EpochIndexBatchSampler(num_items, batch_size=batch_size, drop_last=drop_last, seed=seed)
+
+
+def eval_index_batches(num_items: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Eval batches of one rank: every item exactly once over all ranks (rank-strided), never dropped; ranks
+    with fewer items get placeholder index ``-1`` batches so every rank runs the same number of forwards."""
+    per_rank = -(-num_items // world)
+    mine = list(range(rank, num_items, world))
+    mine += [-1] * (per_rank - len(mine))
+    return [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+
+
+class EvalPaddedDataset(torch.utils.data.Dataset[Any]):
+    """Index ``-1`` is item 0 with every label ``-100``: it runs a forward but adds nothing to eval sums/counts."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if index >= 0:
+            return self.dataset[index]
+        item = self.dataset[0]
+        return [_masked(m) for m in item] if isinstance(item, list) else _masked(item)
+
+
+def _masked(item: TrainItem) -> TrainItem:
+    import numpy as np
+
+    labels = np.full_like(np.asarray(item.sample.labels), -100)
+    return TrainItem(attrs.evolve(item.sample, labels=labels), item.objects)
 
 
 def _chat_sample(src: SampleSource, prompt: PromptTexts, objects: Sequence[DetObject], config: Any) -> ChatSample:
@@ -397,6 +466,16 @@ def _make_trainer_class() -> type:
                 params["prefetch_factor"] = args.dataloader_prefetch_factor
             return DataLoaderShard(self.train_dataset, device=self.accelerator.device, **params)
 
+        def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+            """Every eval item exactly once across ranks, never dropped (R5 over the whole eval set)."""
+            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+            rank, world = _dist_rank_world()
+            batches = eval_index_batches(len(dataset), int(self.args.per_device_eval_batch_size), rank, world)
+            return torch.utils.data.DataLoader(
+                EvalPaddedDataset(dataset), batch_sampler=batches, collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+            )
+
         # R6: counts over the whole window before its first forward, all-reduced once per step.
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
             batch_samples: list[Any] = []
@@ -459,15 +538,17 @@ def _make_trainer_class() -> type:
             self.coordexp.spy_backward_input = None
             return super().training_step(model, inputs, *args, **kwargs)
 
-        def _maybe_log_save_evaluate(self, tr_loss: Any, grad_norm: Any, *args: Any, **kwargs: Any) -> Any:
+        def _clip_grad_norm(self, model: Any) -> Any:
+            """The pre-clip gradient norm; a non-finite one stops the run BEFORE the optimizer step (§6.3)."""
+            grad_norm = super()._clip_grad_norm(model)
             if grad_norm is not None:
                 value = float(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm)
                 if not math.isfinite(value):
                     raise StepError(
-                        f"non-finite gradient norm at global_step={self.state.global_step} for samples "
+                        f"non-finite gradient norm at global_step={self.state.global_step + 1} for samples "
                         f"{self._window_ids}"
                     )
-            return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+            return grad_norm
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if any(k in logs for k in _SUMMARY_KEYS):
@@ -503,15 +584,18 @@ def _make_trainer_class() -> type:
                     batch = self._prepare_inputs(batch)
                     batch.pop("compute_loss_func", None)
                     ctx = pop_step_context(batch)
+                    placeholder = ctx.labels is not None and not bool((ctx.labels != -100).any())
+                    outputs = model(**batch)
+                    if placeholder:  # a rank's padding batch: the forward keeps ranks in step, nothing counts
+                        continue
                     num_samples += ctx.samples_in_batch()
                     num_batches += 1
-                    outputs = model(**batch)
                     result = self.coordexp.loss(outputs.logits, ctx, self.state.global_step)
                     self.coordexp.record_metrics(result, ctx, train=False)
                     decision = self.coordexp.observe_instability(self, result, ctx, training=False)
-                    if not decision.guard:  # the eval guard (guard.in_eval) makes this batch's loss 0
+                    if not decision.guard:  # a guarded eval batch (guard.in_eval) leaves sums and counts alike
                         sums += torch.tensor([float(result.sum_ce), float(result.sum_coord)], dtype=torch.float64)
-                    counts += torch.tensor([result.ce_count, result.num_coord], dtype=torch.float64)
+                        counts += torch.tensor([result.ce_count, result.num_coord], dtype=torch.float64)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 both = torch.cat([sums, counts]).to(self.args.device)
                 torch.distributed.all_reduce(both)

@@ -155,3 +155,58 @@ def test_last_position_logits_are_a_step_error_naming_both_shapes() -> None:
     narrow_vocab = torch.zeros(1, 6, 500)
     with pytest.raises(StepError, match="global_step=7"):
         Stage1Runtime.loss(runtime, narrow_vocab, ctx, 7)  # type: ignore[arg-type]
+
+
+# --- W > 1: every train item every epoch, every eval item exactly once --------------------------------------
+
+
+@pytest.mark.parametrize(("n", "world"), [(5, 2), (7, 3), (2, 4), (8, 2)])
+def test_train_sampler_trains_every_item_on_some_rank_every_epoch(n: int, world: int) -> None:
+    from adapters.swift.stage1 import EpochIndexBatchSampler
+
+    for epoch in range(3):
+        per_rank = []
+        for rank in range(world):
+            sampler = EpochIndexBatchSampler(n, batch_size=2, drop_last=False, seed=11, rank=rank, world_size=world)
+            sampler.set_epoch(epoch)
+            indices = [i for batch in sampler for i in batch]
+            assert len(list(sampler)) == len(sampler)
+            per_rank.append(indices)
+        assert len({len(ix) for ix in per_rank}) == 1  # equal work per rank
+        seen = [i - epoch * n for ix in per_rank for i in ix]
+        assert set(seen) == set(range(n))  # nothing dropped
+        assert len(seen) - n == (-n) % world  # at most W - 1 repeats
+
+
+@pytest.mark.parametrize(("n", "world", "batch"), [(5, 2, 2), (4, 2, 3), (1, 3, 1), (7, 1, 3)])
+def test_eval_batches_cover_every_item_exactly_once(n: int, world: int, batch: int) -> None:
+    from adapters.swift.stage1 import eval_index_batches
+
+    per_rank = [eval_index_batches(n, batch, r, world) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # same number of forwards on every rank
+    real = [i for batches in per_rank for b in batches for i in b if i >= 0]
+    assert sorted(real) == list(range(n))
+
+
+def test_eval_placeholder_item_supervises_nothing() -> None:
+    import numpy as np
+
+    from adapters.swift.stage1 import EvalPaddedDataset
+    from adapters.torch.collator import TrainItem
+
+    sample = types.SimpleNamespace()
+    import attrs as _attrs
+
+    @_attrs.frozen
+    class Sample:
+        labels: Any
+        input_ids: Any
+
+    item = TrainItem(Sample(labels=np.array([-100, 5, 6]), input_ids=np.array([1, 5, 6])))  # type: ignore[arg-type]
+    ds = EvalPaddedDataset([item, item])
+    assert list(ds[0].sample.labels) == [-100, 5, 6]
+    assert list(ds[-1].sample.labels) == [-100, -100, -100]
+    assert list(ds[-1].sample.input_ids) == [1, 5, 6]
+    packed = EvalPaddedDataset([[item, item]])
+    assert all(list(m.sample.labels) == [-100] * 3 for m in packed[-1])
+    del sample

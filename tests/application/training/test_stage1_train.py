@@ -276,3 +276,32 @@ def test_random_ordering_reaches_the_dataset_with_the_epoch(
     _run(cfg)
     assert sorted(i for i in seen if i < 3) == [0, 1, 2] and sorted(i for i in seen if i >= 3) == [3, 4, 5]
     assert any(targets[i] != targets[i + 3] for i in range(3))  # the same record, another epoch, another order
+
+
+def test_non_finite_gradient_norm_stops_before_the_optimizer_step(
+    shapes3_bbox: Path, make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from accelerate import Accelerator
+
+    class StepCounter(TrainerCallback):  # type: ignore[misc]
+        steps = 0
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            StepCounter.steps += 1
+
+    original = Accelerator.backward
+    calls = {"n": 0}
+
+    def poisoning_backward(self: Any, loss: torch.Tensor, **kwargs: Any) -> Any:
+        out = original(self, loss, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            param = next(p for p in self._models[0].parameters() if p.grad is not None)
+            param.grad.view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(Accelerator, "backward", poisoning_backward)
+    cfg = make_config(shapes3_bbox, training={"max_steps": 3})
+    with pytest.raises(StepError, match=r"non-finite gradient norm at global_step=2 .*train.jsonl:"):
+        _run(cfg, SwiftStage1Engine(callbacks=[StepCounter()]))
+    assert StepCounter.steps == 1  # step 1 applied, step 2 refused before the optimizer touched the weights
