@@ -180,9 +180,29 @@ def object_score(probabilities: Sequence[float]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _parsed_records(scan: ScanResult) -> list[ScannedRecord]:
-    """The scanner's records the grammar accepted (cut-fallback moves included), in order (§2.8.3)."""
-    return [r for r in scan.records if r.parse_reason is None and r.char_span[1] >= 0]
+def _spelled_out(record: ScannedRecord, scan: ScanResult, field_order: FieldOrder, coord_mode: CoordMode) -> bool:
+    """A record the text grammar accepts whose coordinates are spelled by ordinary text pieces instead of coord
+    ids: the one documented case where scanner and salvage differ (data.md §5.8.8)."""
+    if record.parse_reason != DropReason.NON_COORD_TOKEN.value or not record.in_prefix:
+        return False
+    start, end = record.char_span
+    if end < 0:
+        return False
+    alone = salvage('{"objects": [' + scan.prefix_text[start:end] + "]}", field_order, coord_mode)
+    return len(alone.objects) == 1 and not alone.drops
+
+
+def paired_records(
+    scan: ScanResult, field_order: FieldOrder, coord_mode: CoordMode
+) -> list[ScannedRecord | None]:
+    """The scanner's records in salvage's order: a record, or None where the coordinates were spelled out."""
+    out: list[ScannedRecord | None] = []
+    for record in scan.records:
+        if record.parse_reason is None and record.char_span[1] >= 0:
+            out.append(record)
+        elif _spelled_out(record, scan, field_order, coord_mode):
+            out.append(None)
+    return out
 
 
 def _describe(objects: Sequence[tuple[GeometryKind | None, tuple[int, ...]]]) -> str:
@@ -190,14 +210,17 @@ def _describe(objects: Sequence[tuple[GeometryKind | None, tuple[int, ...]]]) ->
     return f"{len(objects)} object(s) [{shown}{', ...' if len(objects) > 5 else ''}]"
 
 
-def check_scanner_agreement(salvaged: Sequence[DetObject], scanned: Sequence[ScannedRecord]) -> None:
+def check_scanner_agreement(salvaged: Sequence[DetObject], scanned: Sequence[ScannedRecord | None]) -> None:
     """Raise :class:`InvariantViolation` unless both parsers found the same objects (count, kinds, bins, order).
 
     Descriptions are not compared: a multi-byte character split across ids decodes differently piece by
-    piece than in the whole text, while the structure (ASCII) and the coordinates cannot differ.
+    piece than in the whole text, while the structure (ASCII) and the coordinates cannot differ. A None
+    entry (coordinates spelled by ordinary text pieces, data.md §5.8.8) matches the salvaged object at its place.
     """
     left = [(o.kind, o.bins) for o in salvaged]
-    right = [(r.geom_type, r.bins) for r in scanned]
+    right = [(o.kind, o.bins) if r is None else (r.geom_type, r.bins) for o, r in zip(salvaged, scanned)]
+    if len(scanned) != len(salvaged):
+        right = [(None, ()) if r is None else (r.geom_type, r.bins) for r in scanned]
     if left != right:
         raise InvariantViolation(
             "token-aligned scanner and salvage parser disagree on the valid objects "
@@ -250,10 +273,13 @@ def process_generation(
             f"{len(generated.token_ids)} generated ids but {len(generated.token_logprobs)} log-probs"
         )
     objects, errors = salvage_codes(generated.text, field_order, coord_mode)
-    scanned = _parsed_records(scan(generated.token_ids))
+    scanned = paired_records(scan(generated.token_ids), field_order, coord_mode)
     check_scanner_agreement(objects, scanned)
     pred: list[PredictedObject] = []
     for obj, record in zip(objects, scanned):
+        if record is None:  # coordinates without coord-token ids cannot be scored (data.md §5.8.8)
+            errors.append(DropReason.NON_COORD_TOKEN.value)
+            continue
         if bbox_bins_invalid(obj):
             errors.append(BBOX_INVALID)
             continue

@@ -398,3 +398,20 @@ def test_processing_never_fails_on_model_output(
     scanned = scan_tokens(ids, [TOK.piece(i) for i in ids], TOK.encode, TOK.coord_ids, order, mode, STOPS)
     parsed = scanned.parsed_objects()
     assert len(outcome.pred) + outcome.errors.count("degenerate") == len(parsed)
+
+
+def test_coordinates_spelled_by_text_pieces_are_dropped_not_an_internal_error() -> None:
+    """data.md §5.8.8: salvage (text) accepts a record whose coords are spelled by ordinary pieces; the scanner
+    (ids) does not. That record cannot be scored: it is dropped as ``non_coord_token``; the other one stays."""
+    good = '{"desc": "a", "bbox_2d": ' + box(10, 20, 300, 400) + "}"
+    spelled = '{"desc": "b", "bbox_2d": ' + box(50, 60, 400, 450) + "}"
+    head = '{"objects": [' + good + ", "
+    start = head + spelled[: spelled.index("<|coord_50|>")]
+    tail = spelled[spelled.index("<|coord_50|>") + len("<|coord_50|>"):] + "]}<|im_end|>"
+    ids = TOK.encode(start) + [TOK.encode(ch)[0] for ch in "<|coord_50|>"] + TOK.encode(tail)
+    text = TOK.decode(ids)
+    assert "<|coord_50|>" in text  # the text shows a coord token ...
+    assert not any(TOK.coord_ids.is_coord_id(i) and TOK.piece(i) == "<|coord_50|>" for i in ids)  # ... no coord id
+    outcome = process(GeneratedText(ids, text, [math.log(0.5)] * len(ids)))
+    assert [o.desc for o in outcome.pred] == ["a"]
+    assert "non_coord_token" in outcome.errors
