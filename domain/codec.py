@@ -21,9 +21,10 @@ NOT used anywhere in this project: it shifts boxes by up to a bin and produces a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+from typing import Any
 
 from domain.errors import GeometryError
 
@@ -169,31 +170,31 @@ def _check_flat(flat: Sequence[object]) -> None:
         )
 
 
+def _per_coordinate(
+    flat: Sequence[Any], width: int, height: int, convert: Callable[[Any, int], int]
+) -> list[int]:
+    """``convert(value, axis size)`` over a flat list in order; a failure names the index and the axis."""
+    _check_flat(flat)
+    out: list[int] = []
+    for j, v in enumerate(flat):
+        try:
+            out.append(convert(v, _axis_size(j, width, height)))
+        except GeometryError as exc:
+            raise GeometryError(f"[{j}] ({'x' if j % 2 == 0 else 'y'}): {exc}") from None
+    return out
+
+
 def pixels_to_bins(flat: Sequence[PixelValue], width: int, height: int) -> list[int]:
     """Generic pixel -> bin over a flat list (even index x with ``width``, odd index y with ``height``).
 
     Order and pairing are preserved; an out-of-range value raises naming its index.
     """
-    _check_flat(flat)
-    out: list[int] = []
-    for j, v in enumerate(flat):
-        try:
-            out.append(pixel_to_bin(v, _axis_size(j, width, height)))
-        except GeometryError as exc:
-            raise GeometryError(f"[{j}] ({'x' if j % 2 == 0 else 'y'}): {exc}") from None
-    return out
+    return _per_coordinate(flat, width, height, pixel_to_bin)
 
 
 def bins_to_pixels(flat: Sequence[int], width: int, height: int) -> list[int]:
     """bin -> pixel over a flat list (even index x with ``width``, odd index y with ``height``)."""
-    _check_flat(flat)
-    out: list[int] = []
-    for j, k in enumerate(flat):
-        try:
-            out.append(bin_to_pixel(k, _axis_size(j, width, height)))
-        except GeometryError as exc:
-            raise GeometryError(f"[{j}] ({'x' if j % 2 == 0 else 'y'}): {exc}") from None
-    return out
+    return _per_coordinate(flat, width, height, bin_to_pixel)
 
 
 def bins_to_pixels_float(flat: Sequence[int], width: int, height: int) -> list[float]:

@@ -20,7 +20,7 @@ import bisect
 import enum
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -564,30 +564,33 @@ class DocumentScan:
         return out
 
 
-def _record_end(text: str, start: int, n: int) -> int:
-    """Index after the ``}`` that returns the brace depth to 0 (outside strings), or -1 (data.md §5.8.1)."""
-    depth = 0
-    pos = start
-    search = _BRACE_OR_QUOTE.search
+def _structural_chars(text: str, pos: int, n: int, stops: re.Pattern[str]) -> Iterator[tuple[int, str]]:
+    """Positions and characters matched by ``stops`` outside JSON strings (``stops`` must also match ``"``);
+    ends at the end of text or inside an unterminated string. The one string-aware walk of the grammar."""
     while True:
-        m = search(text, pos, n)
+        m = stops.search(text, pos, n)
         if m is None:
-            return -1
+            return
         p = m.start()
         c = text[p]
         if c == '"':
             m2 = _STRING_REST.match(text, p + 1, n)
             if m2 is None:
-                return -1
+                return
             pos = m2.end()
-        elif c == "{":
-            depth += 1
-            pos = p + 1
-        else:
-            depth -= 1
-            pos = p + 1
-            if depth == 0:
-                return pos
+            continue
+        yield p, c
+        pos = p + 1
+
+
+def _record_end(text: str, start: int, n: int) -> int:
+    """Index after the ``}`` that returns the brace depth to 0 (outside strings), or -1 (data.md §5.8.1)."""
+    depth = 0
+    for p, c in _structural_chars(text, start, n, _BRACE_OR_QUOTE):
+        depth += 1 if c == "{" else -1
+        if depth == 0:
+            return p + 1
+    return -1
 
 
 def _skip_junk(text: str, pos: int, n: int) -> int:
@@ -597,26 +600,14 @@ def _skip_junk(text: str, pos: int, n: int) -> int:
     record after it is still read (data.md §5.8.2 "at array level").
     """
     depth = 0
-    while True:
-        m = _JUNK_STOP.search(text, pos, n)
-        if m is None:
-            return -1
-        p = m.start()
-        c = text[p]
-        if c == '"':
-            m2 = _STRING_REST.match(text, p + 1, n)
-            if m2 is None:
-                return -1
-            pos = m2.end()
-        elif c == "[":
+    for p, c in _structural_chars(text, pos, n, _JUNK_STOP):
+        if c == "[":
             depth += 1
-            pos = p + 1
         elif depth == 0:
             return p
-        else:
-            if c == "]":
-                depth -= 1
-            pos = p + 1
+        elif c == "]":
+            depth -= 1
+    return -1
 
 
 def _scan(
