@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,6 +105,17 @@ def _sample_labels(target_ids: list[int], prompt_len: int = 5) -> np.ndarray:
 # --- rule 2 ---------------------------------------------------------------------------------
 
 
+
+def _type_text(
+    labels: np.ndarray, ids: list[int], offsets: list[tuple[int, int]], text: str, spans: Any,
+    coord_mode: CoordMode = CoordMode.TOKENS,
+) -> Any:
+    """``type_sample`` for a target typed from its own text, with the stand-in tokenizer's ids."""
+    return type_sample(
+        labels, text_ids=ids, text_offsets=offsets, text_length=len(text), spans=spans, suffix_ids=[IM_END],
+        special_ids=SPECIAL_IDS, coord_ids=COORD_IDS, coord_mode=coord_mode,
+    )
+
 def test_majority_and_tie_break() -> None:
     classes = np.array([FORMAT, FORMAT, DESC, DESC, COORD, COORD, DESC, FORMAT], dtype=np.int8)
     offsets = [(0, 3), (0, 4), (2, 6), (1, 3), (5, 7), (4, 6), (3, 3), (9, 12), (5, 2)]
@@ -138,17 +150,7 @@ def test_section_2_2_example_row() -> None:
     )
     ids, offsets = tok.encode(text, sizes=[1] * len(text))  # one piece per character
     labels = _sample_labels(ids)
-    typed = type_sample(
-        labels,
-        text_ids=ids,
-        text_offsets=offsets,
-        text_length=len(text),
-        spans=spans,
-        suffix_ids=[IM_END],
-        special_ids=SPECIAL_IDS,
-        coord_ids=COORD_IDS,
-        coord_mode=CoordMode.TOKENS,
-    )
+    typed = _type_text(labels, ids, offsets, text, spans)
     assert typed.ok
     row = typed.row
     assert row.shape == labels.shape and row.dtype == np.int64
@@ -169,17 +171,7 @@ def test_empty_objects_is_all_format() -> None:
     text, spans = render_with_spans([], CoordMode.TOKENS)
     assert text == '{"objects": []}'
     ids, offsets = tok.encode(text)
-    typed = type_sample(
-        _sample_labels(ids),
-        text_ids=ids,
-        text_offsets=offsets,
-        text_length=len(text),
-        spans=spans,
-        suffix_ids=[IM_END],
-        special_ids=SPECIAL_IDS,
-        coord_ids=COORD_IDS,
-        coord_mode=CoordMode.TOKENS,
-    )
+    typed = _type_text(_sample_labels(ids), ids, offsets, text, spans)
     assert typed.ok and set(typed.row[typed.row != IGNORE].tolist()) == {FORMAT}
 
 
@@ -208,17 +200,7 @@ def test_right_truncated_labels_align_on_the_prefix() -> None:
     third = [k for k, i in enumerate(ids) if i in COORD_IDS][2]
     cut = ids[:third]  # the third coord token and everything after are gone
     labels = np.array([-100] * 3 + cut, dtype=np.int64)
-    typed = type_sample(
-        labels,
-        text_ids=ids,
-        text_offsets=offsets,
-        text_length=len(text),
-        spans=spans,
-        suffix_ids=[IM_END],
-        special_ids=SPECIAL_IDS,
-        coord_ids=COORD_IDS,
-        coord_mode=CoordMode.TOKENS,
-    )
+    typed = _type_text(labels, ids, offsets, text, spans)
     assert typed.ok
     assert (typed.row[3:] == COORD).sum() == 2
     assert typed.row[3:].tolist() == classify_tokens(offsets, char_classes(len(text), spans))[:third]
@@ -273,17 +255,7 @@ def test_numeric_mode_digit_tokens_are_coord() -> None:
     text, spans = render_with_spans([("cat", [12, 40, 300, 410])], CoordMode.NUMERIC)
     assert "[12, 40, 300, 410]" in text
     ids, offsets = tok.encode(text, sizes=[1] * len(text))
-    typed = type_sample(
-        _sample_labels(ids),
-        text_ids=ids,
-        text_offsets=offsets,
-        text_length=len(text),
-        spans=spans,
-        suffix_ids=[IM_END],
-        special_ids=SPECIAL_IDS,
-        coord_ids=COORD_IDS,
-        coord_mode=CoordMode.NUMERIC,
-    )
+    typed = _type_text(_sample_labels(ids), ids, offsets, text, spans, CoordMode.NUMERIC)
     assert typed.ok
     body = typed.row[5:-2]
     coord_text = "".join(text[a:b] for (a, b), t in zip(offsets, body) if t == COORD)
@@ -312,17 +284,7 @@ def test_every_coord_token_is_coord_and_only_those(
     text, spans = render_with_spans(objects, CoordMode.TOKENS)
     ids, offsets = tok.encode(text, sizes)
     labels = _sample_labels(ids, prompt_len)
-    typed = type_sample(
-        labels,
-        text_ids=ids,
-        text_offsets=offsets,
-        text_length=len(text),
-        spans=spans,
-        suffix_ids=[IM_END],
-        special_ids=SPECIAL_IDS,
-        coord_ids=COORD_IDS,
-        coord_mode=CoordMode.TOKENS,
-    )
+    typed = _type_text(labels, ids, offsets, text, spans)
     assert typed.ok, typed.reason
     row = typed.row
     assert row.shape == labels.shape
@@ -392,17 +354,7 @@ def test_render_typed_spans_type_coord_and_desc(field_order: FieldOrder, objects
     text, spans = render_typed(objects, field_order, CoordMode.TOKENS)
     tok = StandInTokenizer()
     ids, offsets = tok.encode(text, sizes=[1] * len(text))
-    typed = type_sample(
-        _sample_labels(ids),
-        text_ids=ids,
-        text_offsets=offsets,
-        text_length=len(text),
-        spans=spans,
-        suffix_ids=[IM_END],
-        special_ids=SPECIAL_IDS,
-        coord_ids=COORD_IDS,
-        coord_mode=CoordMode.TOKENS,
-    )
+    typed = _type_text(_sample_labels(ids), ids, offsets, text, spans)
     assert typed.ok, typed.reason
     body = typed.row[5:-2]
     descs = [json.dumps(o.desc, ensure_ascii=False)[1:-1] for o in objects]
