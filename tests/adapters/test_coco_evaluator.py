@@ -20,7 +20,7 @@ from domain.errors import ConfigError
 from domain.evaluation import COCO_STAT_NAMES
 from ports.evaluation import CocoEvaluator
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "data"
 COCO100 = DATA / "coco_val2014_100"
 SHAPES = DATA / "shapes3"
 

@@ -23,7 +23,7 @@ from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind
 from domain.prompts import PromptTexts, build_prompt, chat_messages
 from ports.tokenizer import IGNORE_INDEX, ChatSample, SampleEncoderPort, SampleOrigin
 
-SHAPES = Path("/work/shared/data/shapes3")
+SHAPES = Path(__file__).resolve().parents[2] / "data" / "shapes3"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from application.evaluate import SemanticStep, evaluate_artifact, main, run_eval
 from domain.errors import ArtifactError, ConfigError, DataContractError
 from domain.evaluation import COCO_STAT_NAMES
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "data"
 COCO100 = DATA / "coco_val2014_100"
 SHAPES = DATA / "shapes3"
 OFF = SemanticStep.off("off in this test")

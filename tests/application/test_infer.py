@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("USE_HF", "1")
 
-SHAPES3 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shapes3"
+SHAPES3 = Path(__file__).resolve().parents[2] / "data" / "shapes3"
 LOOPBACK_FILE = Path(__file__).resolve().parents[1] / "support" / "loopback_vllm.py"
 TOK = FakeTokenizer()
 

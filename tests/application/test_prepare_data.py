@@ -21,7 +21,7 @@ from domain.errors import ConversionError, DataContractError
 from domain.resize import ImageSize
 from ports.storage import ImageFormat, OrientationPolicy
 
-SHAPES3 = Path("/work/shared/data/shapes3")
+SHAPES3 = Path(__file__).resolve().parents[2] / "data" / "shapes3"
 ORIENTATION = 0x0112
 
 

@@ -14,7 +14,7 @@ from domain.coordjson import DropReason, parse_strict, render, transpile_strict
 from domain.errors import CoordJSONError
 from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind
 
-COCO = Path("/work/shared/data/coco_val2014_100/instances_val2014_100.json")
+COCO = Path(__file__).resolve().parents[2] / "data" / "coco_val2014_100" / "instances_val2014_100.json"
 BOX = f"[{c(1)}, {c(2)}, {c(3)}, {c(4)}]"
 
 

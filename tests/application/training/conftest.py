@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("USE_HF", "1")
 
-# The repository's parent holds shared/ (here and in CI's fresh clone).
-SHAPES3 = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "shapes3"
+# The shapes3 fixture the repository ships (data/README.md).
+SHAPES3 = Path(__file__).resolve().parents[3] / "data" / "shapes3"
 
 
 @pytest.fixture(scope="session")
