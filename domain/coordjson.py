@@ -33,6 +33,7 @@ from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind
 __all__ = [
     "CONTAINER_OPENER",
     "INCOMPLETE_TAIL",
+    "MAX_NESTING",
     "STOP_TEXTS",
     "CharSpan",
     "DocumentScan",
@@ -210,7 +211,7 @@ _JSON_STRING = re.compile(r'"[^"\\\x00-\x1f]*(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}
 # The string-awareness of record extents and junk skipping: a backslash escapes the next character.
 _STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BRACE_OR_QUOTE = re.compile(r'[{}"]')
-_JUNK_STOP = re.compile(r'[{\[\]"]')
+_JUNK_STOP = re.compile(r'[{\]"]')
 # A run ``<|...|>`` is one literal (data.md §5.8.3); whitespace or JSON punctuation inside makes it text.
 _SPECIAL_PATTERN = r'<\|[^\s"\\{}\[\],:<>|]+\|>'
 # Anything number-like is one literal, so ``-1``, ``1.0``, ``1e2``, ``+1``, ``01`` are non_coord_token.
@@ -248,78 +249,109 @@ def _parse_string(s: str, pos: int, what: str) -> _Node:
     return (_STR, pos, m.end(), ())
 
 
-def _parse_value(s: str, pos: int) -> _Node:
-    """One value: JSON, plus ``<|...|>`` runs and number-like literals (well-formedness of row 1)."""
-    n = len(s)
-    ws = _WS.match
-    if pos >= n:
-        raise _Malformed(pos, "expected a value")
-    c = s[pos]
-    if c == '"':
-        return _parse_string(s, pos, "a JSON string")
-    if c == "[":
-        flat = _FLAT_ARRAY.match(s, pos)
-        if flat is not None:
-            end = flat.end()
-            return (
-                _ARR,
-                pos,
-                end,
-                tuple(
-                    (_TOK if s[m.start()] == "<" else _NUM, m.start(), m.end(), ())
-                    for m in _LITERAL.finditer(s, pos + 1, end - 1)
-                ),
-            )
-        items: list[_Node] = []
-        p = ws(s, pos + 1).end()  # type: ignore[union-attr]
-        if p < n and s[p] == "]":
-            return (_ARR, pos, p + 1, ())
-        while True:
-            item = _parse_value(s, p)
-            items.append(item)
-            p = ws(s, item[2]).end()  # type: ignore[union-attr]
-            if p < n and s[p] == ",":
-                p = ws(s, p + 1).end()  # type: ignore[union-attr]
-                continue
-            if p < n and s[p] == "]":
-                return (_ARR, pos, p + 1, tuple(items))
-            raise _Malformed(p, "expected ',' or ']' in an array")
-    if c == "{":
-        return (_OBJ, pos, _parse_members(s, pos, [])[1], ())
-    m = None
-    kind = _TOK
-    if c == "<":
-        m = _SPECIAL_LITERAL.match(s, pos)
-    elif c in "0123456789+-.":
-        m, kind = _NUMBER_LIKE.match(s, pos), _NUM
-    elif c in "tfn":
-        m, kind = _WORD.match(s, pos), _WORDK
-    if m is None:
-        raise _Malformed(pos, "expected a value")
-    return (kind, pos, m.end(), ())
+MAX_NESTING = 64
+"""Deepest nesting of arrays and objects below a record's own braces (a flat geometry array is depth 1);
+a deeper record drops as ``other`` (data.md §5.8 item 4a)."""
 
 
-def _parse_members(s: str, pos: int, out: list[tuple[_Node, _Node]]) -> tuple[list[tuple[_Node, _Node]], int]:
-    """The ``"key": value`` members of the object whose ``{`` is at ``pos``, and the index after its ``}``."""
+class _Frame:
+    """An array or object open inside the record being parsed (the parse keeps these on a list, not the stack)."""
+
+    __slots__ = ("is_obj", "items", "key", "start")
+
+    def __init__(self, is_obj: bool, start: int) -> None:
+        self.is_obj = is_obj
+        self.start = start
+        self.items: list[Any] = []  # array: item nodes; object: (key node, value node) pairs
+        self.key: _Node | None = None
+
+
+def _parse_record(s: str, pos: int) -> tuple[list[tuple[_Node, _Node]], int]:
+    """The ``"key": value`` members of the record whose ``{`` is at ``pos``, and the index after its ``}``.
+
+    Values are JSON plus ``<|...|>`` runs and number-like literals (well-formedness of row 1). The walk is
+    iterative: nesting in the input costs list entries, never Python recursion, and more than
+    :data:`MAX_NESTING` levels below the record's braces is malformed (data.md §5.8 item 4a).
+    """
     n = len(s)
     ws = _WS.match
+    frames = [_Frame(True, pos)]
     p = ws(s, pos + 1).end()  # type: ignore[union-attr]
     if p < n and s[p] == "}":
-        return out, p + 1
+        return [], p + 1
     while True:
-        key = _parse_string(s, p, 'a "key" string')
-        p = ws(s, key[2]).end()  # type: ignore[union-attr]
-        if p >= n or s[p] != ":":
-            raise _Malformed(p, "expected ':' after a key")
-        value = _parse_value(s, ws(s, p + 1).end())  # type: ignore[union-attr]
-        out.append((key, value))
-        p = ws(s, value[2]).end()  # type: ignore[union-attr]
-        if p < n and s[p] == ",":
+        top = frames[-1]
+        if top.is_obj:
+            key = _parse_string(s, p, 'a "key" string')
+            p = ws(s, key[2]).end()  # type: ignore[union-attr]
+            if p >= n or s[p] != ":":
+                raise _Malformed(p, "expected ':' after a key")
+            top.key = key
             p = ws(s, p + 1).end()  # type: ignore[union-attr]
-            continue
-        if p < n and s[p] == "}":
-            return out, p + 1
-        raise _Malformed(p, "expected ',' or '}' after a member")
+        if p >= n:
+            raise _Malformed(p, "expected a value")
+        c = s[p]
+        node: _Node
+        if c in "[{":
+            if len(frames) > MAX_NESTING:
+                raise _Malformed(p, f"arrays and objects nest more than {MAX_NESTING} levels deep")
+            flat = _FLAT_ARRAY.match(s, p) if c == "[" else None
+            if flat is not None:
+                end = flat.end()
+                node = (
+                    _ARR,
+                    p,
+                    end,
+                    tuple(
+                        (_TOK if s[m.start()] == "<" else _NUM, m.start(), m.end(), ())
+                        for m in _LITERAL.finditer(s, p + 1, end - 1)
+                    ),
+                )
+            else:
+                q = ws(s, p + 1).end()  # type: ignore[union-attr]
+                if q < n and s[q] == ("}" if c == "{" else "]"):
+                    node = (_OBJ if c == "{" else _ARR, p, q + 1, ())
+                else:
+                    frames.append(_Frame(c == "{", p))
+                    p = q
+                    continue
+        elif c == '"':
+            node = _parse_string(s, p, "a JSON string")
+        else:
+            m = None
+            kind = _TOK
+            if c == "<":
+                m = _SPECIAL_LITERAL.match(s, p)
+            elif c in "0123456789+-.":
+                m, kind = _NUMBER_LIKE.match(s, p), _NUM
+            elif c in "tfn":
+                m, kind = _WORD.match(s, p), _WORDK
+            if m is None:
+                raise _Malformed(p, "expected a value")
+            node = (kind, p, m.end(), ())
+        # Attach the finished value to its container; a closer finishes that container in turn.
+        while True:
+            top = frames[-1]
+            if top.is_obj:
+                assert top.key is not None
+                top.items.append((top.key, node))
+            else:
+                top.items.append(node)
+            p = ws(s, node[2]).end()  # type: ignore[union-attr]
+            if p < n and s[p] == ",":
+                p = ws(s, p + 1).end()  # type: ignore[union-attr]
+                break
+            if p < n and s[p] == ("}" if top.is_obj else "]"):
+                frames.pop()
+                if not frames:
+                    return top.items, p + 1
+                node = (
+                    (_OBJ, top.start, p + 1, ()) if top.is_obj else (_ARR, top.start, p + 1, tuple(top.items))
+                )
+                continue
+            raise _Malformed(
+                p, "expected ',' or '}' after a member" if top.is_obj else "expected ',' or ']' in an array"
+            )
 
 
 def _decode_string(lexeme: str) -> str:
@@ -376,7 +408,7 @@ def _validate_record(
     """Rows 1–10 of data.md §5.6 on the complete record ``text[start:end]``; the first failing row wins."""
     s = text[start:end]
     try:
-        members, stop = _parse_members(s, 0, [])
+        members, stop = _parse_record(s, 0)
         if stop != len(s):
             raise _Malformed(stop, "unexpected text before the record's closing '}'")
     except _Malformed as exc:
@@ -594,19 +626,13 @@ def _record_end(text: str, start: int, n: int) -> int:
 
 
 def _skip_junk(text: str, pos: int, n: int) -> int:
-    """String-aware skip to the next ``{`` or ``]`` at array level (returned), or -1 at the end of text.
+    """String-aware skip to the next ``{`` or ``]`` (returned), or -1 at the end of text (data.md §5.8.2).
 
-    Brackets opened inside the junk nest: in ``[[1], {...}]`` the junk ``[1]`` ends at its own ``]`` and the
-    record after it is still read (data.md §5.8.2 "at array level").
+    Junk never nests: a ``[`` inside junk does not hide the next ``]`` (in ``[[R1, R2]]`` the records are
+    read and the first ``]`` closes the array), and a ``{`` inside junk starts the next record.
     """
-    depth = 0
-    for p, c in _structural_chars(text, pos, n, _JUNK_STOP):
-        if c == "[":
-            depth += 1
-        elif depth == 0:
-            return p
-        elif c == "]":
-            depth -= 1
+    for p, _ in _structural_chars(text, pos, n, _JUNK_STOP):
+        return p
     return -1
 
 

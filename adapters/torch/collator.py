@@ -59,7 +59,7 @@ from domain.batch_extras import (
 from domain.coordjson import render_typed
 from domain.errors import BestEffortDiagnostics, InvariantViolation, SetupError, StepError
 from domain.objects import CoordMode, DetObject, FieldOrder
-from domain.packing import boundaries_from_text_row, cu_seq_lens, mrope_position_rows
+from domain.packing import boundaries_from_text_row, cu_seq_lens, mrope_position_rows, packed_position_ids
 from domain.token_types import (
     DatasetFilter,
     TypedSample,
@@ -225,15 +225,25 @@ def _grid(sample: EncodedSample) -> torch.Tensor | None:
     return grid if grid.numel() else None
 
 
-def _sample_positions(sample: EncodedSample, ids: torch.Tensor, rope_index: RopeIndex) -> torch.Tensor:
+def _member_rope_rows(sample: EncodedSample, ids: torch.Tensor, rope_index: RopeIndex) -> np.ndarray:
+    """The ``[3, l]`` mRoPE rows of one sample alone (they start at 0)."""
     rows = rope_index(ids, _grid(sample))
     if tuple(rows.shape) != (3, ids.shape[0]):
         raise InvariantViolation(
             f"{sample.source}:{sample.line}: rope index returned shape {list(rows.shape)}, "
             f"expected [3, {ids.shape[0]}]"
         )
-    text = torch.arange(ids.shape[0], dtype=torch.int64)[None]
-    return torch.cat([text, rows.to(torch.int64)], dim=0)
+    return rows.detach().to(torch.int64).cpu().numpy()
+
+
+def _positions(members: Sequence[tuple[EncodedSample, torch.Tensor]], rope_index: RopeIndex) -> torch.Tensor:
+    """``[4, T]`` position rows of members laid end to end; the domain owns the rule (data.md §8.4)."""
+    rows = [_member_rope_rows(s, i, rope_index) for s, i in members]
+    return torch.from_numpy(packed_position_ids(rows))
+
+
+def _sample_positions(sample: EncodedSample, ids: torch.Tensor, rope_index: RopeIndex) -> torch.Tensor:
+    return _positions([(sample, ids)], rope_index)
 
 
 def _vision_inputs(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
@@ -306,9 +316,7 @@ def collate_packed(samples: Sequence[EncodedSample], rope_index: RopeIndex) -> S
                 f"{IGNORE_INDEX} (every member starts with unsupervised prompt tokens, data.md §8.5)"
             )
     lengths = [int(i.shape[0]) for i in ids]
-    positions = torch.cat([_sample_positions(s, i, rope_index) for s, i in zip(samples, ids)], dim=1)[
-        :, None, :
-    ]
+    positions = _positions(list(zip(samples, ids)), rope_index)[:, None, :]
     total = sum(lengths)
     check_packed_position_ids(positions, total)
     cu = torch.from_numpy(cu_seq_lens(lengths))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ class InstabilityRunner:
     state: MonitorState = attrs.field(factory=MonitorState)
     stop_issued: bool = False
     events_written: int = 0
+    corrupt_dump_warned: bool = False
 
     @property
     def disabled(self) -> bool:
@@ -248,12 +250,7 @@ class InstabilityRunner:
             "samples": [],
         }
         if path.is_file():
-            try:
-                previous = json.loads(path.read_text(encoding="utf-8"))
-                body["reasons"] = list(previous.get("reasons", []))
-                body["samples"] = list(previous.get("samples", []))
-            except (OSError, ValueError, AttributeError):
-                pass
+            body["reasons"], body["samples"] = self._previous_dump(path)
         for reason in decision.reasons:
             if reason.value not in body["reasons"]:
                 body["reasons"].append(reason.value)
@@ -267,6 +264,42 @@ class InstabilityRunner:
             body["error"] = "the micro-batch carried no instability_meta_json"
         write_text_atomically(path, json.dumps(body, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         return path
+
+    def _previous_dump(self, path: Path) -> tuple[list[Any], list[Any]]:
+        """Reasons and samples of an earlier dump with this file name, to merge into.
+
+        An unreadable one is kept beside it as ``<name>.corrupt`` (nothing written is lost) and replaced
+        by the new dump, with one warning per run (best-effort, D15).
+        """
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(previous, dict):
+                raise TypeError(f"expected a JSON object, got {type(previous).__name__}")
+            reasons = previous.get("reasons", [])
+            samples = previous.get("samples", [])
+            if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+                raise TypeError("'reasons' is not a list of strings")
+            if not isinstance(samples, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("line", 0), int) for e in samples
+            ):
+                raise TypeError("'samples' is not a list of objects with an integer 'line'")
+            return list(reasons), list(samples)
+        except (OSError, ValueError, TypeError) as exc:
+            aside = path.with_name(path.name + ".corrupt")
+            try:
+                path.replace(aside)
+                kept = f"kept as {aside}"
+            except OSError:
+                kept = "could not be moved aside"
+            if not self.corrupt_dump_warned:
+                self.corrupt_dump_warned = True
+                warnings.warn(
+                    f"instability monitor: earlier sample dump {path} is unreadable ({type(exc).__name__}: "
+                    f"{exc}); it is {kept} and a new dump replaces it (warned once per run)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return [], []
 
     # --- step 7
     @staticmethod

@@ -221,6 +221,33 @@ def test_dump_samples_writes_exactly_the_named_records_of_a_packed_row(tmp_path:
     assert [s["record"]["k"] for s in dump["samples"]] == [1, "b2", 4, 0]
 
 
+def test_a_corrupt_earlier_dump_warns_once_and_is_kept_aside(tmp_path: Path) -> None:
+    """A sample dump that cannot be merged into is not dropped silently: one warning per run, its bytes kept
+    as ``<name>.corrupt``, and the new dump written in its place (issue 11, surviving mutant)."""
+    source = tmp_path / "alpha.jsonl"
+    source.write_text(json.dumps({"k": 0}) + "\n")
+    meta = json.dumps([{"num_samples": 1, "total_length": 10, "samples": [
+        {"dataset": "alpha", "source": str(source), "line": 1, "sample_id": 0, "length": 10}]}])
+    runner = make_runner(tmp_path, dump_samples=True, detect_loss_spike=False)
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    corrupt = {7: "{not json", 8: json.dumps({"reasons": "nan", "samples": [1]})}
+    for step, text in corrupt.items():
+        (dumps / f"samples_step{step}_train_rank0.json").write_text(text)
+    logits, labels = batch(6, correct=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in corrupt:
+            observe(runner, logits, labels, global_step=step, meta=meta)
+    messages = [str(w.message) for w in caught if "earlier sample dump" in str(w.message)]
+    assert len(messages) == 1 and "samples_step7_train_rank0.json" in messages[0], messages
+    assert not runner.disabled  # the monitor keeps running
+    for step, text in corrupt.items():
+        assert (dumps / f"samples_step{step}_train_rank0.json.corrupt").read_text() == text
+        dump = json.loads((dumps / f"samples_step{step}_train_rank0.json").read_text())
+        assert [s["record"] for s in dump["samples"]] == [{"k": 0}] and dump["reasons"] == ["zero_token_acc"]
+
+
 def test_unreadable_record_is_reported_in_place(tmp_path: Path) -> None:
     out = read_records([{"source": str(tmp_path / "missing.jsonl"), "line": 3}])
     assert out[0]["record"] is None and "missing.jsonl" in out[0]["error"]

@@ -345,13 +345,99 @@ def test_every_prefix_truncation_yields_its_complete_leading_records(
         assert r.truncated == (13 <= cut < len(text))
 
 
-def test_bracketed_junk_nests_and_the_following_record_is_still_read() -> None:
-    """data.md §5.8.2: junk is skipped to the next ``{`` or ``]`` *at array level*; a ``[`` inside junk nests."""
-    from domain.coordjson import DropReason, salvage
-    from domain.objects import CoordMode, FieldOrder
+# ---- junk never nests (data.md §5.8.2, stage2.md §3.6.4) --------------------------------------------------
 
-    rec = '{"desc": "a", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}'
-    result = salvage('{"objects": [[1, [2]], ' + rec + "]}", FieldOrder.DESC_FIRST, CoordMode.TOKENS)
-    assert [o.bins for o in result.objects] == [(1, 2, 3, 4)]
-    assert list(result.drops) == [(0, DropReason.OTHER)]
-    assert not result.trailing_junk and not result.truncated
+R1 = f'{{"desc": "r1", "bbox_2d": {BOX}}}'
+R2 = f'{{"desc": "r2", "bbox_2d": [{c(5)}, {c(6)}, {c(7)}, {c(8)}]}}'
+
+
+def test_doubled_bracket_before_one_record_reads_it_and_closes_the_array() -> None:
+    """§5.8.2: ``{"objects": [[R]}`` reads R (one ``other`` drop, array closed)."""
+    r = salvage('{"objects": [[' + R1 + "]}")
+    assert r.objects == (box("r1", 1, 2, 3, 4),)
+    assert r.drops == ((0, DropReason.OTHER),)
+    assert (r.array_closed, r.trailing_junk, r.truncated, r.syntax_error) == (True, False, False, True)
+
+
+def test_doubled_bracket_around_the_records_loses_nothing() -> None:
+    """§5.8.2 / issue 11 finding 11: ``{"objects": [[R1, R2]]}`` reads R1 and R2 and sets ``trailing_junk``."""
+    r = salvage('{"objects": [[' + R1 + ", " + R2 + "]]}")
+    assert r.objects == (box("r1", 1, 2, 3, 4), box("r2", 5, 6, 7, 8))
+    assert r.drops == ((0, DropReason.OTHER),)
+    assert (r.array_closed, r.trailing_junk, r.truncated) == (True, True, False)
+
+
+def test_a_bracket_inside_junk_does_not_hide_the_next_closer() -> None:
+    """§5.8.2: ``{"objects": [[1, [2]], R]}`` closes the array at the ``]`` after ``2``; R is trailing junk."""
+    r = salvage('{"objects": [[1, [2]], ' + R1 + "]}")
+    assert r.objects == ()
+    assert r.drops == ((0, DropReason.OTHER),)
+    assert (r.array_closed, r.trailing_junk, r.truncated) == (True, True, False)
+
+
+def test_a_brace_inside_junk_starts_the_next_record() -> None:
+    """§5.8.2: junk ``[x `` before a record is skipped up to the record's ``{``, after the records seen so far."""
+    r = salvage('{"objects": [' + R1 + ", [x " + R2 + "]}")
+    assert r.objects == (box("r1", 1, 2, 3, 4), box("r2", 5, 6, 7, 8))
+    assert r.drops == ((1, DropReason.OTHER),)
+    assert (r.array_closed, r.trailing_junk) == (True, False)
+
+
+def test_brackets_and_braces_inside_a_junk_string_are_skipped() -> None:
+    """§5.8.2: the skip is string-aware; ``"]{"`` inside junk neither closes the array nor starts a record."""
+    r = salvage('{"objects": [x "]{" ' + R1 + "]}")
+    assert r.objects == (box("r1", 1, 2, 3, 4),) and r.drops == ((0, DropReason.OTHER),)
+    assert (r.array_closed, r.trailing_junk) == (True, False)
+
+
+def test_brackets_do_not_end_a_record() -> None:
+    """§5.8.1: a record missing its geometry ``]`` ends at its ``}``; the next record is still read."""
+    broken = f'{{"desc": "x", "bbox_2d": [{c(1)}, {c(2)}, {c(3)}, {c(4)}}}'
+    r = salvage(doc(broken, R2))
+    assert r.objects == (box("r2", 5, 6, 7, 8),) and r.drops == ((0, DropReason.OTHER),)
+
+
+def test_special_run_with_json_punctuation_inside_is_other() -> None:
+    """§5.8.3: ``<|a,b|>`` is neither a literal nor a value."""
+    assert one_drop(f'{{"desc": "a", "bbox_2d": [{c(1)}, {c(2)}, {c(3)}, <|a,b|>]}}') is DropReason.OTHER
+
+
+# ---- depth (data.md §5.8 item 4a, stage2.md §3.9.9) --------------------------------------------------------
+
+
+def nested_arrays(depth: int) -> str:
+    """``depth`` arrays below the record's braces, innermost holding one coord token."""
+    return "[" * depth + c(1) + "]" * depth
+
+
+def test_depth_64_is_parsed_and_depth_65_drops_as_other() -> None:
+    """Exactly the boundary: 64 levels are ordinary (a nested geometry is non_coord_token), 65 are ``other``."""
+    assert one_drop(f'{{"desc": "a", "bbox_2d": {nested_arrays(64)}}}') is DropReason.NON_COORD_TOKEN
+    assert one_drop(f'{{"desc": "a", "bbox_2d": {nested_arrays(65)}}}') is DropReason.OTHER
+    # Depth counts objects too, and a flat geometry array is depth 1.
+    inner = '{"k": ' * 64 + "1" + "}" * 64  # 64 levels
+    assert one_drop(f'{{"desc": "a", "bbox_2d": {BOX}, "x": {inner}}}') is DropReason.UNEXPECTED_KEYS
+    assert one_drop(f'{{"desc": "a", "bbox_2d": {BOX}, "x": {{"k": {inner}}}}}') is DropReason.OTHER
+    assert one_drop(f'{{"desc": "a", "bbox_2d": {BOX}, "x": [{inner}]}}') is DropReason.OTHER
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        f'{{"desc": "a", "bbox_2d": {nested_arrays(1000)}}}',  # issue 11 finding 10: ~1,000 arrays
+        '{"desc": "a", "x": ' + '{"a": ' * 500 + "1" + "}" * 500 + "}",  # ~500 objects under an extra key
+        '{"desc": "a", "bbox_2d": ' + '[{"k": ' * 400 + "1" + "}]" * 400 + "}",  # arrays and objects mixed
+    ],
+)
+def test_deep_nesting_costs_one_other_drop_and_the_next_record_is_read(record: str) -> None:
+    """Finding 10: these raised RecursionError; now one ``other`` drop, and the record after is kept."""
+    r = salvage(doc(record, R1))
+    assert r.objects == (box("r1", 1, 2, 3, 4),)
+    assert r.drops == ((0, DropReason.OTHER),)
+    assert (r.array_closed, r.truncated) == (True, False)
+
+
+def test_unclosed_deep_nesting_is_an_incomplete_tail() -> None:
+    r = salvage('{"objects": [' + R1 + ', {"desc": "a", "bbox_2d": ' + "[" * 100_000)
+    assert r.objects == (box("r1", 1, 2, 3, 4),)
+    assert (r.incomplete_tail, r.truncated, r.drops) == (1, True, ())

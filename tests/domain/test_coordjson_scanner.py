@@ -17,6 +17,7 @@ from domain.coordjson import (
     DropReason,
     RecordStatus,
     ScanResult,
+    append_fn_records,
     render,
     salvage,
     scan_tokens,
@@ -368,9 +369,15 @@ def test_postconditions_with_unbalanced_dropped_record_and_junk_brace() -> None:
     assert_prefix_postconditions(r, ids)
 
 
-def test_scanning_twice_is_identical() -> None:
-    ids = bpe_like('{"objects": [' + A + ", " + B + "]}")
-    assert scan(ids) == scan(ids)
+def test_the_scan_depends_on_the_text_not_on_its_tokenisation() -> None:
+    text = '{"objects": [' + A + ", " + B + "]}"
+    fused = scan(bpe_like(text))
+    chopped = scan(TOK.tokenize(text, random.Random(7), max_chunk=3))
+    for r in (fused, chopped):
+        assert r.valid_objects == (box("a", 1, 2, 3, 4), box("b", 5, 6, 7, 8))
+        assert [x.char_span for x in r.records] == [(13, 13 + len(A)), (15 + len(A), 15 + len(A) + len(B))]
+        assert r.prefix_text == '{"objects": [' + A + ", " + B and r.n_prefix_records == 2
+        assert (r.array_closed, r.truncated, r.drops) == (True, False, ())
     f1 = scan(bpe_like("nothing"))
     f2 = scan(bpe_like("[]"))
     assert f1.prefix_ids == f2.prefix_ids == tuple(TOK.encode(OPENER))
@@ -430,6 +437,90 @@ def test_numeric_mode_groups_every_token_overlapping_the_digits() -> None:
     (x,) = r.records
     assert x.bins == (12, 34, 56, 78)
     assert x.coord_token_groups == ((1, 2), (2, 3), (4, 5), (5,))
+
+
+# ---- junk never nests, depth (data.md §5.8.2 and 4a; stage2.md §3.6.4, §3.9) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "descs", "closed", "trailing"),
+    [
+        ('{"objects": [[' + A + "]}", ["a"], True, False),
+        ('{"objects": [[' + A + ", " + B + "]]}", ["a", "b"], True, True),
+        ('{"objects": [[1, [2]], ' + A + "]}", [], True, True),
+        ('{"objects": [' + A + ", [x " + B + "]}", ["a", "b"], True, False),
+    ],
+)
+def test_junk_examples_of_5_8_2(text: str, descs: list[str], closed: bool, trailing: bool) -> None:
+    """The scanner reads §5.8.2's examples as salvage does, and its prefix takes an FN append (§3.6.4)."""
+    ids = bpe_like(text)
+    r = scan(ids)
+    assert [o.desc for o in r.valid_objects] == descs
+    assert len(r.drops) == 1 and r.drops[0][1] is DropReason.OTHER and r.syntax_error
+    assert (r.array_closed, r.trailing_junk, r.truncated) == (closed, trailing, False)
+    assert [x.record_index for x in r.records] == list(range(len(descs)))  # junk has no record index (§3.9.3)
+    assert_prefix_postconditions(r, ids)
+    fn = append_fn_records(r, [box("fn", 1, 1, 2, 2)], TOK.encode)
+    again = salvage(TOK.decode(fn.y_train_ids))
+    assert [o.desc for o in again.objects] == [*descs, "fn"] and again.array_closed
+
+
+def test_empty_braces_at_array_level_are_a_record() -> None:
+    """stage2.md §3.9.2: ``{}`` is a record (index 0, in the prefix) that drops as missing_desc."""
+    r = scan_text('{"objects": [{}, ' + A + "]}")
+    assert [(x.record_index, x.reason) for x in r.records] == [(0, "missing_desc"), (1, None)]
+    assert r.n_prefix_records == 2 and dict(r.drop_counts) == {"missing_desc": 1}
+
+
+def test_junk_counts_once_in_other_and_is_no_record() -> None:
+    """stage2.md §3.9.3."""
+    r = scan_text('{"objects": [' + A + ", junk ] } , " + B + "]}")
+    assert [x.record_index for x in r.records] == [0]
+    assert r.drops == ((1, DropReason.OTHER),) and dict(r.drop_counts) == {"other": 1} and r.array_closed
+
+
+def test_stop_spelled_inside_a_token_that_does_not_re_encode_falls_back() -> None:
+    """stage2.md §3.9.1: the kept part of ``]}<|im`` is ``]}``; without a round-trip, record ``a`` moves out."""
+    chunks = ['{"objects": [', '{"desc": "a", "bbox_2d": [', c(1), ", ", c(2), ", ", c(3), ", ", c(4)]
+    ids = TOK.tokenize_chunks([*chunks, "]}<|im", "_end|>"])
+    good = scan(ids)
+    assert good.had_stop and not good.cut_fallback and good.prefix_text == '{"objects": [' + A
+    bad = scan(ids, encode=TOK.bad_encode)
+    assert bad.had_stop and bad.cut_fallback and bad.prefix_text == OPENER and bad.n_prefix_records == 0
+    assert [(x.status, x.reason, x.in_prefix) for x in bad.records] == [
+        (RecordStatus.DROPPED, "other", False)
+    ]
+    assert_prefix_postconditions(bad, ids)
+
+
+def test_a_dropped_record_moved_out_by_the_fallback_keeps_its_reason() -> None:
+    """stage2.md §3.9.4: only a valid record becomes ``other``."""
+    head = bpe_like('{"objects": [' + A)
+    ids = head + TOK.tokenize_chunks(
+        [", ", '{"desc": "b", "bbox_2d": [', c(5), ", ", c(6), ", ", c(7), "]}]}"]
+    )
+    r = scan(ids, encode=TOK.bad_encode)
+    assert r.cut_fallback and r.n_prefix_records == 1 and list(r.prefix_ids) == head
+    assert [(x.reason, x.in_prefix) for x in r.records] == [(None, True), ("wrong_arity", False)]
+    assert dict(r.drop_counts) == {"wrong_arity": 1}
+
+
+@pytest.mark.parametrize("depth", [64, 65, 1000])
+def test_deep_nesting_is_one_other_drop(depth: int) -> None:
+    """data.md §5.8 item 4a, stage2.md §3.9.9: 64 levels parse; deeper drops as ``other``; never an error."""
+    deep = '{"desc": "d", "bbox_2d": ' + "[" * depth + c(1) + "]" * depth + "}"
+    ids = bpe_like('{"objects": [' + deep + ", " + A + "]}")
+    r = scan(ids)
+    assert [x.reason for x in r.records] == ["non_coord_token" if depth <= 64 else "other", None]
+    assert [o.desc for o in r.valid_objects] == ["a"] and r.n_prefix_records == 2
+    assert_prefix_postconditions(r, ids)
+
+
+def test_deep_objects_under_an_extra_key_are_one_other_drop() -> None:
+    """Issue 11 finding 10: ~500 nested objects under an extra key raised RecursionError."""
+    deep = '{"desc": "d", "x": ' + '{"a": ' * 500 + "1" + "}" * 500 + "}"
+    r = scan_text('{"objects": [' + deep + ", " + A + "]}")
+    assert [x.reason for x in r.records] == ["other", None] and [o.desc for o in r.valid_objects] == ["a"]
 
 
 # ---- properties ------------------------------------------------------------------------------------------

@@ -420,7 +420,12 @@ def test_settings_rules_name_the_dotted_key(kwargs: dict[str, object], path: str
 
 
 def test_all_zero_weights_are_fine_when_disabled() -> None:
-    CoordLossSettings(enabled=False, soft_ce_weight=0.0, w1_weight=0.0, gate_weight=0.0)
+    """The all-zero rule applies to an enabled block only: disabled, the same weights are kept as given."""
+    zeros = {"ce_weight": 0.0, "soft_ce_weight": 0.0, "w1_weight": 0.0, "gate_weight": 0.0}
+    off = CoordLossSettings(enabled=False, **zeros)
+    assert off.problems() == [] and off.weights == (0.0, 0.0, 0.0, 0.0) and not off.enabled
+    with pytest.raises(ConfigError, match="all four weights 0"):
+        CoordLossSettings(enabled=True, **zeros)
 
 
 # ----------------------------------------------------------------------------- metric updates (tests 20, 39)
@@ -446,6 +451,20 @@ def test_total_loss_estimate_is_base_plus_coord_per_sample() -> None:
     assert ups["base_ce/loss"].value == pytest.approx(9.0 / 30) and ups["base_ce/loss"].weight == 30
     assert ups["coord_diag/enabled"].value == 1.0
     assert all(is_registered(k) for k in ups)
+
+
+def test_each_coord_part_is_weighted_by_its_own_weight() -> None:
+    """``coord_diag/{ce,soft_ce,w1,gate}`` are weighted contributions, each with its own weight (four distinct
+    weights, none 1, so a dropped or swapped weight changes a value); ``coord_diag/loss`` is the block's loss."""
+    weights = CoordLossSettings(enabled=True, ce_weight=2.0, soft_ce_weight=3.0, w1_weight=5.0, gate_weight=7.0)
+    mb = MicroBatchSums(sum_ce=9.0, sum_coord=12.0, num_noncoord=30, num_coord=4, num_correct=20)
+    ups = {u.key: u for u in objective_metric_updates(mb, _block(4), weights, num_samples=3)}
+    # _block(4): soft_ce 3.0, w1 0.01, ce 2.0, gate 0.5, loss 12.0, over 4 coord pairs
+    expected = {"ce": 2.0 * 2.0 / 4, "soft_ce": 3.0 * 3.0 / 4, "w1": 5.0 * 0.01 / 4, "gate": 7.0 * 0.5 / 4}
+    for part, value in expected.items():
+        update = ups[f"coord_diag/{part}"]
+        assert (update.value, update.weight) == (pytest.approx(value, rel=1e-12), 4.0), part
+    assert ups["coord_diag/loss"].value == pytest.approx(12.0 / 4, rel=1e-12)
 
 
 def test_no_coord_pairs_emit_only_the_enabled_flag_of_the_coord_block() -> None:

@@ -72,6 +72,16 @@ def test_threshold_is_exact_decimal() -> None:
     assert [p.members for p in plan.packs] == [(0,)] and plan.dropped == (1,)
 
 
+def test_a_window_pack_filled_to_exactly_f_times_c_is_emitted_not_carried() -> None:
+    """§8.2: a bin is carried only when its total is *below* f*C. With a buffer of one sample, 56 = 0.7*80 is
+    emitted from its own window; carried, it would have been merged with the 20 that follows."""
+    plan = plan_packs([56, 20], PackingSettings(80, 1, 0.7), seed=0, order=[0, 1])
+    assert [p.members for p in plan.packs] == [(0,), (1,)]
+    assert plan.final_step_start == 1 and plan.dropped == ()
+    just_below = plan_packs([55, 20], PackingSettings(80, 1, 0.7), seed=0, order=[0, 1])
+    assert [p.members for p in just_below.packs] == [(0, 1)]  # carried, then packed with the next sample
+
+
 def test_default_visit_order_is_the_seeded_shuffle() -> None:
     order = list(range(10))
     random.Random(7).shuffle(order)

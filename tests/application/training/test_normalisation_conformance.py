@@ -168,10 +168,11 @@ def uneven_records(shapes3_bbox: Path) -> Path:
 
 def _eval_run(
     make_config: Callable[..., Path], tmp_path: Path, name: str, train_jsonl: Path, val_jsonl: Path,
-    training: dict[str, Any],
+    training: dict[str, Any], **sections: dict[str, Any],
 ) -> tuple[Any, list[dict[str, Any]]]:
     cfg = make_config(
         train_jsonl,
+        **sections,
         run={"name": name, "output_dir": str(tmp_path / name)},
         data={"train_jsonl": str(train_jsonl), "val_jsonl": str(val_jsonl)},
         training={"max_steps": 1, "packing": False, "per_device_train_batch_size": 3,
@@ -229,13 +230,16 @@ def test_eval_loss_is_independent_of_eval_batch_and_packing_and_equals_the_sums_
         assert value == pytest.approx(expected, rel=RTOL), name
 
 
+@pytest.mark.parametrize("coord_loss", [True, False], ids=["soft_ce", "pure_ce"])
 def test_train_step_loss_equals_eval_loss_on_the_same_samples_and_weights(
-    four_records: Path, make_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    four_records: Path, make_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    coord_loss: bool,
 ) -> None:
     """§9.18: G = 4 (per-device 1) over four samples; evaluation of the same four samples is run inside the
     trainer just before the first window is fetched (initial weights, no dropout in the tiny model). The
     logged train ``loss`` of step 1 equals that eval_loss; the evaluation after the step (moved weights)
-    does not, which shows the first one really saw the pre-step weights."""
+    does not, which shows the first one really saw the pre-step weights. Pure-CE (coord loss off) divides
+    the train CE by T_step, as eval divides by T_eval (the engine's ``n_step = t_step`` switch)."""
     pre_step: list[dict[str, float]] = []
     dropout: list[float] = []
     original = stage1_module._make_trainer_class
@@ -259,6 +263,7 @@ def test_train_step_loss_equals_eval_loss_on_the_same_samples_and_weights(
     outcome, events = _eval_run(
         make_config, tmp_path, "g4", four_records, four_records,
         {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "per_device_eval_batch_size": 1},
+        objective={"coord_soft_ce_w1": {"enabled": coord_loss, "target_sigma": 2.0, "target_truncate": 16}},
     )
     assert all(p == 0.0 for p in dropout), dropout
     before, after = _eval_losses(events)
