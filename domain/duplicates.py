@@ -1,0 +1,224 @@
+"""The duplicate monitor (stage2.md §18.7): duplicate-like boxes in one rollout, and their totals.
+
+Over the valid bbox objects of one rollout, two objects are duplicate-like when their descriptions
+are equal after casefolding and collapsing whitespace and their box IoU (norm1000 bins, boxes
+canonicalised by min/max as in §6) is >= the threshold. Clusters are the connected components of
+that relation. The same function feeds Channel-B metrics (``dup/raw/*``), the inference summary and
+the evaluation report, so training and evaluation count duplicates alike. A monitor only: it never
+changes supervision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from domain.codec import MAX_BIN, pixels_to_bins
+from domain.errors import ArtifactError, ConfigError, GeometryError
+from domain.geometry import pairwise_box_iou
+from domain.objects import DetObject, GeometryKind
+
+#: ``stage2_ab.channel_b.duplicate_monitor.iou_threshold`` default (stage2.md §20); also the inference summary's.
+DEFAULT_DUPLICATE_IOU_THRESHOLD = 0.7
+THRESHOLD_KEY = "stage2_ab.channel_b.duplicate_monitor.iou_threshold"
+
+
+class DescribedShape(Protocol):
+    """What the monitor reads of an object (``domain.objects.DetObject`` satisfies it)."""
+
+    @property
+    def desc(self) -> str: ...
+
+    @property
+    def kind(self) -> GeometryKind: ...
+
+    @property
+    def bins(self) -> tuple[int, ...]: ...
+
+
+class PixelShape(Protocol):
+    """An object in an image's pixel space (``gt_vs_pred.jsonl`` predictions, evaluation objects)."""
+
+    @property
+    def desc(self) -> str: ...
+
+    @property
+    def kind(self) -> GeometryKind: ...
+
+    @property
+    def points(self) -> tuple[int, ...]: ...
+
+
+def objects_in_bins(objects: Iterable[PixelShape], width: int, height: int) -> tuple[DetObject, ...]:
+    """Pixel objects back in norm1000 bins (the codec's pixel -> bin rule), for the monitor on artifacts."""
+    return tuple(DetObject(o.desc, o.kind, pixels_to_bins(o.points, width, height)) for o in objects)
+
+
+def artifact_line_objects(line: Mapping[str, Any]) -> tuple[DetObject, ...]:
+    """The predictions of one ``gt_vs_pred.jsonl`` line (infer-eval-config.md §3.1) as objects in bins:
+    ``coord_mode: pixel`` points go back through the codec, ``norm1000`` points are bins already."""
+    where = f"gt_vs_pred line index={line.get('index')!r}"
+    try:
+        width, height = int(line["width"]), int(line["height"])
+        preds = list(line.get("pred") or ())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{where}: width/height/pred unreadable for the duplicate monitor: {exc!r}"
+        ) from None
+    pixel = line.get("coord_mode", "pixel") != "norm1000"
+    out: list[DetObject] = []
+    for j, pred in enumerate(preds):
+        try:
+            kind, points = GeometryKind(pred["type"]), [int(v) for v in pred["points"]]
+            bins = pixels_to_bins(points, width, height) if pixel else points
+            out.append(DetObject(str(pred.get("desc", "")), kind, bins))
+        except (KeyError, TypeError, ValueError) as exc:  # GeometryError is a ValueError
+            raise ArtifactError(f"{where}: pred[{j}]: unreadable for the duplicate monitor: {exc}") from None
+    return tuple(out)
+
+
+def duplicate_desc_key(desc: str) -> str:
+    """The description as the monitor compares it: casefolded, whitespace runs collapsed, stripped."""
+    return " ".join(desc.casefold().split())
+
+
+@attrs.frozen
+class DuplicateStats:
+    """Per-rollout figures of §18.7.
+
+    ``valid_objects``: bbox objects considered (polygons are skipped); ``pairs``: duplicate-like pairs;
+    ``max_cluster_size``: largest cluster (1 when there is no duplicate, 0 objects included);
+    ``excess_objects``: Σ over clusters of (size − 1); ``clusters``: the clusters of size >= 2 as input
+    indices, each ascending, ordered by their first index.
+    """
+
+    valid_objects: int
+    pairs: int
+    max_cluster_size: int
+    excess_objects: int
+    clusters: tuple[tuple[int, ...], ...]
+
+
+def _check_threshold(iou_threshold: float) -> None:
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)):
+        raise ConfigError(f"{THRESHOLD_KEY}: expected a number, got {iou_threshold!r}")
+    if not (math.isfinite(iou_threshold) and 0.0 < iou_threshold <= 1.0):
+        raise ConfigError(f"{THRESHOLD_KEY}: must be in (0, 1], got {iou_threshold!r}")
+
+
+def _canonical_box(obj: DescribedShape, where: str) -> tuple[int, int, int, int]:
+    bins = obj.bins
+    if len(bins) != 4:
+        raise GeometryError(f"{where}.bins: a bbox_2d needs exactly 4 values, got {len(bins)}")
+    for j, v in enumerate(bins):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise GeometryError(f"{where}.bins[{j}]: expected an integer bin, got {v!r}")
+        if not 0 <= v <= MAX_BIN:
+            raise GeometryError(f"{where}.bins[{j}]: value {v} out of range 0..{MAX_BIN}")
+    x1, y1, x2, y2 = (int(v) for v in bins)
+    return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+
+
+def duplicate_stats(
+    objects: Sequence[DescribedShape], iou_threshold: float = DEFAULT_DUPLICATE_IOU_THRESHOLD
+) -> DuplicateStats:
+    """§18.7 for one rollout: duplicate-like pairs, clusters and excess objects of its bbox objects."""
+    _check_threshold(iou_threshold)
+    index = [i for i, o in enumerate(objects) if o.kind is GeometryKind.BBOX]
+    boxes = [_canonical_box(objects[i], f"objects[{i}]") for i in index]
+    groups: dict[str, list[int]] = {}
+    for local, i in enumerate(index):
+        groups.setdefault(duplicate_desc_key(objects[i].desc), []).append(local)
+    rows: list[int] = []
+    cols: list[int] = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        iou = pairwise_box_iou([boxes[m] for m in members], [boxes[m] for m in members])
+        first, second = np.nonzero(np.triu(iou >= iou_threshold, k=1))
+        rows += [members[a] for a in first.tolist()]
+        cols += [members[b] for b in second.tolist()]
+    n = len(index)
+    if not rows:
+        return DuplicateStats(valid_objects=n, pairs=0, max_cluster_size=1, excess_objects=0, clusters=())
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    members_of: dict[int, list[int]] = {}
+    for local, label in enumerate(labels.tolist()):
+        members_of.setdefault(label, []).append(index[local])
+    clusters = sorted(tuple(m) for m in members_of.values() if len(m) > 1)
+    return DuplicateStats(
+        valid_objects=n,
+        pairs=len(rows),
+        max_cluster_size=max(len(c) for c in clusters),
+        excess_objects=sum(len(c) - 1 for c in clusters),
+        clusters=tuple(clusters),
+    )
+
+
+@attrs.frozen
+class DuplicateSummary:
+    """Totals over rollouts with the §18.7 reductions: per-sample means and a ``sum/sum`` fraction.
+
+    The means are None when there is no sample; ``excess_object_frac`` is 0.0 with no valid object.
+    """
+
+    iou_threshold: float
+    samples: int
+    samples_with_duplicates: int
+    valid_objects: int
+    pairs: int
+    excess_objects: int
+    max_cluster_size: int
+    pairs_mean: float | None
+    max_cluster_size_mean: float | None
+    excess_object_frac: float
+
+    def to_json(self) -> dict[str, int | float | None]:
+        return attrs.asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """The ``dup/raw/*`` registry keys; the per-sample means are omitted when there is no sample."""
+        out: dict[str, float] = {}
+        if self.pairs_mean is not None and self.max_cluster_size_mean is not None:
+            out["dup/raw/pairs"] = self.pairs_mean
+            out["dup/raw/max_cluster_size"] = self.max_cluster_size_mean
+        out["dup/raw/excess_object_frac"] = self.excess_object_frac
+        return out
+
+
+def summarize_duplicates(
+    rollouts: Iterable[Sequence[DescribedShape]], iou_threshold: float = DEFAULT_DUPLICATE_IOU_THRESHOLD
+) -> DuplicateSummary:
+    """:func:`duplicate_stats` of every rollout, combined: ``pairs`` and ``max_cluster_size`` as means
+    over samples (``dup/raw/pairs``, ``dup/raw/max_cluster_size``), ``excess_object_frac`` as Σ excess
+    objects / Σ valid objects (``dup/raw/excess_object_frac``); ``max_cluster_size`` is the largest of all."""
+    _check_threshold(iou_threshold)
+    items: list[DuplicateStats] = []
+    for k, objects in enumerate(rollouts):
+        try:
+            items.append(duplicate_stats(objects, iou_threshold))
+        except GeometryError as exc:
+            raise GeometryError(f"rollouts[{k}].{exc}") from None
+    n = len(items)
+    valid = sum(s.valid_objects for s in items)
+    excess = sum(s.excess_objects for s in items)
+    pairs = sum(s.pairs for s in items)
+    return DuplicateSummary(
+        iou_threshold=float(iou_threshold),
+        samples=n,
+        samples_with_duplicates=sum(1 for s in items if s.pairs > 0),
+        valid_objects=valid,
+        pairs=pairs,
+        excess_objects=excess,
+        max_cluster_size=max((s.max_cluster_size for s in items), default=1),
+        pairs_mean=pairs / n if n else None,
+        max_cluster_size_mean=sum(s.max_cluster_size for s in items) / n if n else None,
+        excess_object_frac=excess / valid if valid else 0.0,
+    )

@@ -1,0 +1,238 @@
+"""Stage-2 matching of predictions to ground truth: geometry only, deterministic (stage2.md §6).
+
+The rule, in order: candidate pruning on axis-aligned boxes (top-k by AABB IoU, ties by GT index;
+when a prediction's best AABB IoU is 0, the k GTs nearest by squared centre distance instead),
+mask IoU of each candidate pair on the R x R virtual canvas (``domain.geometry`` owns the
+rasteriser), the IoU gate (``iou < gate`` -> infeasible and one gating rejection), then one
+Hungarian solve (``scipy.optimize.linear_sum_assignment``) of the dummy-padded square matrix
+
+    [[C (P x G), fp_cost (P x P)],
+     [fn_cost (G x G), 0 (G x P)]]
+
+Prediction i is matched to GT j iff its column is ``j < G`` and ``C[i, j] < INF / 2``. There is no
+description cost. Inputs are shapes in norm1000 bins: any object with ``kind`` and ``bins``
+(:class:`BinGeometry`, or a :class:`domain.objects.DetObject` as the scanner and the loader give).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+from scipy.optimize import linear_sum_assignment
+
+from domain.codec import MAX_BIN
+from domain.errors import ConfigError, GeometryError
+from domain.geometry import masks_iou, pairwise_box_iou, rasterize_shape
+from domain.objects import GeometryKind
+
+#: Cost of an infeasible edge (non-candidate or gated pair); an assignment at or above INF / 2 is no match.
+INF = 1e6
+
+
+class BinShape(Protocol):
+    """What matching reads of a shape: its kind and its flat coordinates in bins (x at even index)."""
+
+    @property
+    def kind(self) -> GeometryKind: ...
+
+    @property
+    def bins(self) -> tuple[int, ...]: ...
+
+
+def _kind(value: GeometryKind | str) -> GeometryKind:
+    try:
+        return GeometryKind(value)
+    except ValueError:
+        raise GeometryError(f"geometry kind must be 'bbox_2d' or 'poly', got {value!r}") from None
+
+
+def _bins(values: Sequence[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
+@attrs.frozen
+class BinGeometry:
+    """One shape in norm1000 bins: ``bbox_2d`` (4 values) or ``poly`` (flat ring), checked on use."""
+
+    kind: GeometryKind = attrs.field(converter=_kind)
+    bins: tuple[int, ...] = attrs.field(converter=_bins)
+
+
+def _check_number(key: str, value: object, *, integer: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"matching.{key}: expected a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"matching.{key}: expected an integer, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"matching.{key}: must be finite, got {value!r}")
+
+
+def _gate(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    _check_number(attribute.name, value, integer=False)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"matching.{attribute.name}: must be in [0, 1], got {value}")
+
+
+def _at_least(bound: int, *, integer: bool) -> Callable[[object, attrs.Attribute[Any], float], None]:
+    def check(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        _check_number(attribute.name, value, integer=integer)
+        if value < bound:
+            raise ConfigError(f"matching.{attribute.name}: must be >= {bound}, got {value}")
+
+    return check
+
+
+@attrs.frozen
+class MatchSettings:
+    """The ``matching`` block's keys that §6 reads (defaults as stage2.md §20 and the config schema)."""
+
+    candidate_top_k: int = attrs.field(default=5, validator=_at_least(1, integer=True))
+    maskiou_gate: float = attrs.field(default=0.3, validator=_gate)
+    maskiou_resolution: int = attrs.field(default=256, validator=_at_least(16, integer=True))
+    fp_cost: float = attrs.field(default=0.5, validator=_at_least(0, integer=False))
+    fn_cost: float = attrs.field(default=2.0, validator=_at_least(0, integer=False))
+
+
+@attrs.frozen
+class MatchResult:
+    """§6 output. ``matched_pairs`` are ``(pred_idx, gt_idx)`` sorted by pred_idx; index sets ascending."""
+
+    matched_pairs: tuple[tuple[int, int], ...]
+    fp_pred_indices: tuple[int, ...]
+    fn_gt_indices: tuple[int, ...]
+    gating_rejections: int
+    candidate_pairs: int
+    matched_maskiou_sum: float
+    matched_maskiou_count: int
+
+
+def _checked_aabb(shape: BinShape, where: str) -> tuple[int, int, int, int]:
+    """The shape's canonical (min/max) axis-aligned box; bad bins or arity raise naming ``where``."""
+    kind = shape.kind
+    if not isinstance(kind, GeometryKind):
+        raise GeometryError(f"{where}.kind: expected 'bbox_2d' or 'poly', got {kind!r}")
+    bins = shape.bins
+    for j, v in enumerate(bins):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise GeometryError(f"{where}.bins[{j}]: expected an integer bin, got {v!r}")
+        if not 0 <= v <= MAX_BIN:
+            raise GeometryError(f"{where}.bins[{j}]: value {v} out of range 0..{MAX_BIN}")
+    if kind is GeometryKind.BBOX:
+        if len(bins) != 4:
+            raise GeometryError(f"{where}.bins: a bbox_2d needs exactly 4 values, got {len(bins)}")
+    elif len(bins) < 2 or len(bins) % 2:
+        raise GeometryError(f"{where}.bins: a poly needs an even number (>= 2) of values, got {len(bins)}")
+    xs = [int(v) for v in bins[0::2]]
+    ys = [int(v) for v in bins[1::2]]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _canvas_flat(shape: BinShape, aabb: tuple[int, int, int, int]) -> tuple[int, ...]:
+    # §3.9 item 8: a bbox's polygon is built from its canonical (min/max) corners.
+    return aabb if shape.kind is GeometryKind.BBOX else tuple(int(v) for v in shape.bins)
+
+
+def prune_candidates(
+    pred_boxes: Sequence[tuple[int, int, int, int]],
+    gt_boxes: Sequence[tuple[int, int, int, int]],
+    top_k: int,
+) -> tuple[tuple[int, ...], ...]:
+    """§6 step 3: per prediction, the GT indices whose pairs get a mask IoU, in preference order.
+
+    GTs sorted by (-AABB IoU, GT index), the first ``max(1, top_k)`` kept; when the best AABB IoU is 0,
+    the ``max(1, top_k)`` GTs with the smallest squared centre distance (ties by GT index) instead.
+    Boxes are canonical ``(x1, y1, x2, y2)`` with ``x1 <= x2``, ``y1 <= y2``.
+    """
+    k = max(1, top_k)
+    if not gt_boxes:
+        return tuple(() for _ in pred_boxes)
+    if not pred_boxes:
+        return ()
+    iou = pairwise_box_iou(pred_boxes, gt_boxes)
+    p = np.asarray(pred_boxes, dtype=np.int64).reshape(-1, 4)
+    g = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
+    # Doubled centres keep the squared distance an exact integer.
+    dx = (g[:, 0] + g[:, 2])[None, :] - (p[:, 0] + p[:, 2])[:, None]
+    dy = (g[:, 1] + g[:, 3])[None, :] - (p[:, 1] + p[:, 3])[:, None]
+    d2 = dx * dx + dy * dy
+    out: list[tuple[int, ...]] = []
+    for i in range(len(pred_boxes)):
+        # A stable sort keeps equal keys in GT index order.
+        key = -iou[i] if iou[i].max() > 0.0 else d2[i]
+        out.append(tuple(np.argsort(key, kind="stable")[:k].tolist()))
+    return tuple(out)
+
+
+def candidate_cost_matrix(
+    preds: Sequence[BinShape], gts: Sequence[BinShape], settings: MatchSettings
+) -> tuple[npt.NDArray[np.float64], int, int]:
+    """§6 steps 2-5: the P x G cost matrix (``1 - maskIoU`` on gated candidates, INF elsewhere),
+    the number of gating rejections and the number of evaluated candidate pairs."""
+    pred_boxes = [_checked_aabb(s, f"preds[{i}]") for i, s in enumerate(preds)]
+    gt_boxes = [_checked_aabb(s, f"gts[{j}]") for j, s in enumerate(gts)]
+    cost = np.full((len(preds), len(gts)), INF, dtype=np.float64)
+    if not preds or not gts:
+        return cost, 0, 0
+    resolution = settings.maskiou_resolution
+    gt_masks: dict[int, npt.NDArray[np.bool_] | None] = {}  # rasterised once, only when a candidate
+    rejections = 0
+    pairs = 0
+    for i, cands in enumerate(prune_candidates(pred_boxes, gt_boxes, settings.candidate_top_k)):
+        pred_mask = rasterize_shape(_canvas_flat(preds[i], pred_boxes[i]), preds[i].kind, resolution)
+        for j in cands:
+            pairs += 1
+            if j not in gt_masks:
+                gt_masks[j] = rasterize_shape(_canvas_flat(gts[j], gt_boxes[j]), gts[j].kind, resolution)
+            iou = masks_iou(pred_mask, gt_masks[j])
+            if iou < settings.maskiou_gate:
+                rejections += 1
+            else:
+                cost[i, j] = 1.0 - iou
+    return cost, rejections, pairs
+
+
+def match_predictions(
+    preds: Sequence[BinShape], gts: Sequence[BinShape], settings: MatchSettings
+) -> MatchResult:
+    """Match predictions to GT objects per stage2.md §6 (see the module docstring)."""
+    n_pred, n_gt = len(preds), len(gts)
+    cost, rejections, pairs = candidate_cost_matrix(preds, gts, settings)
+    if n_pred == 0 or n_gt == 0:
+        return MatchResult(
+            matched_pairs=(),
+            fp_pred_indices=tuple(range(n_pred)),
+            fn_gt_indices=tuple(range(n_gt)),
+            gating_rejections=rejections,
+            candidate_pairs=pairs,
+            matched_maskiou_sum=0.0,
+            matched_maskiou_count=0,
+        )
+    size = n_pred + n_gt
+    square = np.zeros((size, size), dtype=np.float64)
+    square[:n_pred, :n_gt] = cost
+    square[:n_pred, n_gt:] = float(settings.fp_cost)
+    square[n_pred:, :n_gt] = float(settings.fn_cost)
+    rows, cols = linear_sum_assignment(square)
+    matched: list[tuple[int, int]] = []
+    iou_sum = 0.0
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        if r < n_pred and c < n_gt and cost[r, c] < INF / 2:
+            matched.append((r, c))
+            iou_sum += 1.0 - float(cost[r, c])
+    matched.sort()
+    matched_preds = {p for p, _ in matched}
+    matched_gts = {g for _, g in matched}
+    return MatchResult(
+        matched_pairs=tuple(matched),
+        fp_pred_indices=tuple(i for i in range(n_pred) if i not in matched_preds),
+        fn_gt_indices=tuple(j for j in range(n_gt) if j not in matched_gts),
+        gating_rejections=rejections,
+        candidate_pairs=pairs,
+        matched_maskiou_sum=iou_sum,
+        matched_maskiou_count=len(matched),
+    )
