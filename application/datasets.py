@@ -12,9 +12,9 @@ from typing import Any
 
 import attrs
 
-from application.dataset_images import check_images_eager, image_root_for, resolve_image_path
-from domain.errors import ArtifactError, DataContractError
-from domain.records import Record, RecordSet, parse_jsonl_records
+from application.dataset_images import ImageVerdictCache, image_problems, image_root_for, resolve_image_path
+from domain.errors import ArtifactError, DataContractError, DataProblem
+from domain.records import Record, RecordSet, no_records_problem, parse_jsonl_records
 from ports.storage import ArtifactStore, ImageStore
 
 
@@ -29,6 +29,19 @@ class LoadedSplit:
         return self.records.num_poly_objects
 
 
+def read_split_lines(path: Path, artifacts: ArtifactStore) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """The numbered lines of a dataset JSONL and, apart, ``(line, reason)`` for lines that are not UTF-8
+    (reported with every other problem of the file, never alone)."""
+    lines: list[tuple[int, str]] = []
+    unreadable: list[tuple[int, str]] = []
+    for line in artifacts.read_data_lines(path):
+        if line.problem is not None:
+            unreadable.append((line.number, line.problem))
+        else:
+            lines.append((line.number, line.text))
+    return lines, unreadable
+
+
 def load_split(
     path: Path,
     data: Any,
@@ -38,11 +51,22 @@ def load_split(
     artifacts: ArtifactStore,
     images: ImageStore,
 ) -> LoadedSplit:
-    """Validate ``path`` against the record contract with the ``data`` block's settings, then its images."""
+    """Validate ``path`` against the record contract with the ``data`` block's settings, then its images.
+
+    Record problems and (under ``check_image_sizes: eager``) image problems of the valid records are
+    raised together in one DataContractError; a file without records is an error too.
+    """
     try:
-        lines = [(line.number, line.text) for line in artifacts.read_lines(path)]
+        lines, unreadable = read_split_lines(path, artifacts)
     except ArtifactError as exc:
         raise DataContractError(f"{path}: {exc}") from exc
+    root = image_root_for(path, data.image_root)
+
+    def check_images(kept: RecordSet) -> tuple[DataProblem, ...]:
+        if data.check_image_sizes != "eager":
+            return ()
+        return image_problems(kept, root, images, cache=ImageVerdictCache(artifacts, root))
+
     record_set = parse_jsonl_records(
         lines,
         str(path),
@@ -50,10 +74,11 @@ def load_split(
         bbox_only=prompt_variant == "bbox_only",
         ordering=data.ordering,
         limit=limit,
+        unreadable=unreadable,
+        further_checks=check_images,
     )
-    root = image_root_for(path, data.image_root)
-    if data.check_image_sizes == "eager":
-        check_images_eager(record_set, root, images)
+    if not len(record_set):
+        raise DataContractError(no_records_problem(str(path)))
     return LoadedSplit(path, record_set, tuple(resolve_image_path(r.image, root) for r in record_set))
 
 

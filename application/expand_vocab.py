@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,9 +34,9 @@ from typing import Any, Protocol
 import attrs
 
 from application import wiring
-from application.cli import parse_config_argument
+from application.cli import run_entry_point
 from application.config import LoadedConfig, check_local_paths, load_config, write_resolved_config
-from domain.errors import ConfigError, CoordExpError
+from domain.errors import ConfigError
 
 ENTRY_POINT = "application.expand_vocab"
 RESOLVED_KIND = "expand_vocab"
@@ -99,21 +97,27 @@ def planned_paths(loaded: LoadedConfig) -> tuple[Path, Path]:
     if config.run is None:
         raise ConfigError("'run.name' and 'run.output_dir' are required by application.expand_vocab")
     run_dir = config.run.run_dir
+    check_new_checkpoint_dir(source, run_dir, "the expanded checkpoint")
+    return source, run_dir
+
+
+def check_new_checkpoint_dir(source: Path, run_dir: Path, what: str) -> None:
+    """A checkpoint derived from ``model.path`` goes to a new ``run_dir``, never onto or inside its input
+    (also used by application.merge_adapter); raises :class:`ConfigError`."""
     if run_dir.resolve() == source.resolve():
         raise ConfigError(
-            f"'run.output_dir' / 'run.name' = {run_dir} is the input 'model.path'; the expanded checkpoint "
+            f"'run.output_dir' / 'run.name' = {run_dir} is the input 'model.path'; {what} "
             "must go to a new directory"
         )
     if run_dir.exists():
         raise ConfigError(
-            f"run directory {run_dir} already exists; an expanded checkpoint is never overwritten: "
+            f"run directory {run_dir} already exists; {what} is never overwritten: "
             "choose a new 'run.name' or remove that directory"
         )
     if source.resolve() in run_dir.resolve().parents:
         raise ConfigError(
             f"run directory {run_dir} lies inside the input 'model.path' {source}; choose another"
         )
-    return source, run_dir
 
 
 def expand_vocab(loaded: LoadedConfig, expander: VocabularyExpander | None = None) -> ExpandVocabOutcome:
@@ -124,7 +128,8 @@ def expand_vocab(loaded: LoadedConfig, expander: VocabularyExpander | None = Non
     if expander is None:
         expander = wiring.make_vocabulary_expander()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".partial", dir=run_dir.parent))
+    # not mkdtemp: the expanded model gets the umask's mode, not 0700 (issue 11 item 14)
+    staging = wiring.make_artifact_store().make_staging_directory(run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial")
     try:
         summary = expander(source, staging, dtype=model.dtype)
         write_resolved_config(
@@ -158,15 +163,12 @@ def summary_text(outcome: ExpandVocabOutcome) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config_path = parse_config_argument(sys.argv[1:] if argv is None else argv, ENTRY_POINT)
-    try:
-        loaded = load_config(config_path, entry_point="expand_vocab")
-        outcome = expand_vocab(loaded)
-    except CoordExpError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(summary_text(outcome))
-    return 0
+    def body(config_path: Path) -> int:
+        outcome = expand_vocab(load_config(config_path, entry_point="expand_vocab"))
+        print(summary_text(outcome))
+        return 0
+
+    return run_entry_point(argv, ENTRY_POINT, body)
 
 
 if __name__ == "__main__":

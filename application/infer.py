@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import attrs
 
-from application.cli import parse_config_argument
+from application.cli import run_entry_point
 from application.config import (
     LoadedConfig,
     check_local_paths,
@@ -48,10 +48,10 @@ from application.config.schema import CoordExpConfig, EvalConfig
 from application.datasets import LoadedSplit, load_split
 from application.provenance import build_run_metadata, mark_finished
 from application.visualize import POINTER_FILENAME, discover_image_root, producer_config_path
+from domain.duplicates import artifact_line_objects, summarize_duplicates
 from domain.errors import (
     ArtifactError,
     ConfigError,
-    CoordExpError,
     GenerationError,
     InvariantViolation,
     SetupError,
@@ -223,6 +223,9 @@ def default_dependencies() -> InferDependencies:
             output_dir,
             coco=wiring.make_coco_evaluator(settings.coco_backend),
             semantic=wiring.make_semantic_step(settings.semantic),
+            lvis=(
+                wiring.make_lvis_evaluator(settings.lvis_backend) if settings.dataset_style == "lvis" else None
+            ),
         )
 
     def visualize(request: VisRequest) -> Any:
@@ -318,6 +321,7 @@ class ProducerRecord:
 
     fingerprint: str | None
     inputs: Mapping[str, Any] | None
+    moved: str | None = None  # why the record is unusable when its run directory was moved or copied
 
 
 def producer_record(artifact: Path) -> ProducerRecord:
@@ -331,6 +335,12 @@ def producer_record(artifact: Path) -> ProducerRecord:
     except ArtifactError:
         return ProducerRecord(None, None)
     recorded = document["artifacts"].get("gt_vs_pred_jsonl")
+    if isinstance(recorded, str) and Path(recorded).name == artifact.name and Path(recorded).resolve() != artifact.resolve():
+        return ProducerRecord(
+            None, None,
+            f"{candidate} records the artifact at {recorded}: the run directory was moved or copied since; "
+            "move it back to resume it there, or choose a new run.name",
+        )  # fmt: skip
     if not isinstance(recorded, str) or Path(recorded).resolve() != artifact.resolve():
         return ProducerRecord(None, None)
     fingerprint = document.get("infer_fingerprint")
@@ -363,11 +373,13 @@ def resume_state(
         return ResumeState("fresh", 0, None)
     previous = producer_record(final)
     if previous.fingerprint != fingerprint:
+        existing = final if final.exists() else partial
+        if previous.moved is not None:  # not "inputs changed": the inputs may be the same
+            raise ArtifactError(f"cannot resume {existing}: {previous.moved}")
         if previous.fingerprint is None:
             what = "no previous fingerprint"
         else:
             what = ", ".join(changed_keys(previous.inputs or {}, inputs) or ["infer_fingerprint"])
-        existing = final if final.exists() else partial
         raise ArtifactError(
             f"cannot resume {existing}: inputs changed ({what}); choose a new run.name or delete the artifact"
         )
@@ -511,6 +523,8 @@ def build_summary(
         "determinism": "strict" if config.infer.backend == "hf" else "best_effort",
         "counters": counters,
         "error_codes": error_codes_present(counters),
+        # stage2.md §18.7: the duplicate monitor Channel B logs, on the artifact's predictions (additive key).
+        "duplicates": summarize_duplicates(artifact_line_objects(line) for line in lines).to_json(),
         "backend": backend_section(config, model_path, facts),
         "generation": {
             "temperature": generation.temperature,
@@ -647,7 +661,8 @@ def run_infer_stage(
                             continue
                         if gen.text is None:
                             raise InvariantViolation(f"index {i}: the backend returned no text and no error")
-                        text = GeneratedText(gen.token_ids, gen.text, gen.token_logprobs)
+                        text = GeneratedText(gen.token_ids, gen.text, gen.token_logprobs,
+                                             hit_token_limit=gen.finish_reason == "length")
                         outcome = process_generation(
                             text,
                             width=record.width,
@@ -788,6 +803,8 @@ def run_pipeline(loaded: LoadedConfig, deps: InferDependencies) -> PipelineOutco
             "backend": config.infer.backend,
             "attn_implementation_selected": facts.get("attn_implementation_selected"),
             "vllm_launch_argv": facts.get("launch_argv"),
+            # Whether code shipped inside the checkpoint was allowed to run (only the vLLM backends can).
+            "trust_remote_code": config.infer.backend == "vllm" and config.infer.vllm.trust_remote_code,
             "infer_fingerprint": fingerprint,
         }
 
@@ -826,18 +843,36 @@ def run_pipeline(loaded: LoadedConfig, deps: InferDependencies) -> PipelineOutco
 
     # 7.
     deps.echo(f"Pipeline complete. run_dir={paths.run_dir}")
+    if eval_summary is not None:
+        for line in _headline(paths, eval_summary, vis_summary, deps.artifacts):
+            deps.echo(line)
     return PipelineOutcome(paths.run_dir, paths, infer_outcome, eval_summary, vis_summary)
 
 
+def _headline(paths: PipelinePaths, eval_summary: Any, vis_summary: Any, artifacts: ArtifactStore) -> list[str]:
+    """The headline numbers of the eval stage, the artifact's parse drops and the report's path."""
+    from application.headline import headline_lines
+
+    counters: dict[str, int] | None = None
+    records: int | None = None
+    if paths.summary.is_file():
+        summary = artifacts.read_json(paths.summary)
+        counters, records = dict(summary.get("counters", {})), summary.get("records_written")
+    report_name = getattr(vis_summary, "report", None)
+    report = paths.vis_dir / report_name.name if report_name is not None else None
+    return headline_lines(eval_summary.metrics, counters, records, report)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    config_path = parse_config_argument(sys.argv[1:] if argv is None else argv, ENTRY_POINT)
-    try:
+    def body(config_path: Path) -> int:
+        from application.run_lock import hold_run_directory
+
         loaded = load_config(config_path, entry_point="infer")
-        run_pipeline(loaded, default_dependencies())
-    except CoordExpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        with hold_run_directory(loaded.config, ENTRY_POINT):
+            run_pipeline(loaded, default_dependencies())
+        return 0
+
+    return run_entry_point(argv, ENTRY_POINT, body)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from application.dataset_images import check_images_eager
+from application.dataset_images import ImageVerdictCache, check_images_eager
 from domain.conversion import (
     IMAGE_DROPS,
     OBJECT_DROPS,
@@ -47,7 +47,6 @@ from domain.errors import (
     ArtifactError,
     ConfigError,
     ConversionError,
-    CoordExpError,
     ImageFileError,
     InvariantViolation,
 )
@@ -482,7 +481,10 @@ def self_check(
     )
     if len(record_set) != expected:
         raise InvariantViolation(f"{jsonl}: self-check read {len(record_set)} records, wrote {expected}")
-    check_images_eager(record_set, jsonl.parent, images, workers=settings.workers)
+    # every image is decoded; the clean verdicts are cached so the first training run does not decode again
+    check_images_eager(
+        record_set, jsonl.parent, images, workers=settings.workers, cache=ImageVerdictCache(artifacts, jsonl.parent)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -577,22 +579,18 @@ def summary_text(settings: ConvertSettings, report: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m application.prepare_data --config FILE``; exit status 1 on a conversion error."""
-    from application.cli import parse_config_argument
+    from application.cli import run_entry_point
     from application.config import check_local_paths, load_config
     from application.wiring import make_artifact_store, make_image_store
 
-    config_path = parse_config_argument(list(sys.argv[1:] if argv is None else argv), PROG)
-    try:
+    def body(config_path: Path) -> int:
         loaded = load_config(config_path, entry_point="prepare_data")
         check_local_paths(loaded.config, "prepare_data")
         settings = ConvertSettings.from_config(loaded.config.data)
         convert_dataset(settings, artifacts=make_artifact_store(), images=make_image_store())
-    except InvariantViolation:
-        raise  # a bug: keep the traceback
-    except CoordExpError as exc:
-        print(f"prepare_data: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_entry_point(argv, PROG, body)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import attrs
 
 from application.config import redact
 from ports.provenance import ProvenanceCollector
@@ -84,6 +86,91 @@ def _distributed(env: Mapping[str, str]) -> dict[str, Any]:
     return section
 
 
+@attrs.frozen
+class RolloutServerFacts:
+    """One ``swift rollout`` server as the learner saw it (infer-eval-config.md §7.4).
+
+    ``engine`` is the server's ``/get_engine_type/`` answer; ``argv`` the launch command when the project started it.
+    """
+
+    base_url: str
+    group_port: int
+    reported_world_size: int | None = None
+    engine: Mapping[str, object] | None = None
+    argv: tuple[str, ...] | None = None
+
+
+@attrs.frozen
+class RolloutServerProvenance:
+    """``run_metadata.rollout_server``: ``source`` launcher | external, the servers, the launch ``flags`` (null when
+    external)."""
+
+    source: Literal["launcher", "external"]
+    servers: tuple[RolloutServerFacts, ...]
+    flags: Mapping[str, object] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "servers": [
+                {
+                    "base_url": s.base_url,
+                    "group_port": s.group_port,
+                    "reported_world_size": s.reported_world_size,
+                    "engine": dict(s.engine) if s.engine is not None else None,
+                    "argv": _redacted_argv(s.argv) if s.argv is not None else None,
+                }
+                for s in self.servers
+            ],
+            "flags": dict(self.flags) if self.flags is not None else None,
+        }
+
+    @classmethod
+    def from_backend(
+        cls, described: Mapping[str, Any], launch_record: Mapping[str, Any] | None = None
+    ) -> RolloutServerProvenance:
+        """From the rollout client's ``describe()`` (engine answers, world sizes) and, when the project launched
+        the servers, its ``rollout_server_launch.json`` record (argv per server, ``flags``)."""
+        launched = {str(s.get("base_url")): s for s in (launch_record or {}).get("servers", [])}
+        servers = []
+        for entry in described.get("servers", []):
+            url = str(entry["base_url"])
+            argv = launched.get(url, {}).get("argv")
+            servers.append(
+                RolloutServerFacts(
+                    base_url=url,
+                    group_port=int(entry["group_port"]),
+                    reported_world_size=entry.get("world_size"),
+                    engine=entry.get("engine"),
+                    argv=tuple(str(a) for a in argv) if argv is not None else None,
+                )
+            )
+        flags = launch_record.get("flags") if launch_record is not None else None
+        source: Literal["launcher", "external"] = "launcher" if launch_record is not None else "external"
+        return cls(source=source, servers=tuple(servers), flags=flags)
+
+
+SECRET_FLAGS = ("--api_key", "--api-key")
+
+
+def _redacted_argv(argv: Sequence[str]) -> list[str]:
+    """A launch command with the value of ``--api_key`` (either spelling, ``=`` form too) replaced."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("<redacted>")
+            hide_next = False
+        elif arg in SECRET_FLAGS:
+            out.append(arg)
+            hide_next = True
+        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=<redacted>")
+        else:
+            out.append(arg)
+    return out
+
+
 def build_run_metadata(
     *,
     kind: str,
@@ -99,7 +186,7 @@ def build_run_metadata(
     seed: int,
     project_dir: str,
     artifacts: Mapping[str, str] | None = None,
-    rollout_server: Mapping[str, Any] | None = None,
+    rollout_server: RolloutServerProvenance | Mapping[str, Any] | None = None,
     inference: Mapping[str, Any] | None = None,
     distributed_env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -130,11 +217,17 @@ def build_run_metadata(
         "ms_swift": _ms_swift_section(collector),
         "hardware": dict(collector.hardware()),
         "distributed": _distributed(distributed_env if distributed_env is not None else env),
-        "rollout_server": dict(rollout_server) if rollout_server is not None else None,
+        "rollout_server": _rollout_server_json(rollout_server),
         "inference": dict(inference) if inference is not None else None,
         "env": redact(env),
         "artifacts": dict(artifacts or {}),
     }
+
+
+def _rollout_server_json(value: RolloutServerProvenance | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return value.to_json() if isinstance(value, RolloutServerProvenance) else dict(value)
 
 
 def mark_finished(metadata: Mapping[str, Any], collector: ProvenanceCollector) -> dict[str, Any]:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from application import wiring
-from application.cli import parse_config_argument
+from application.cli import run_entry_point
 from application.config import CoordExpConfig, LoadedConfig, check_local_paths, load_config, resolved_sha256, write_resolved_config
 from application.datasets import LoadedSplit, load_split
 from application.provenance import build_run_metadata, mark_finished
-from domain.errors import ConfigError, CoordExpError, DataContractError
+from domain.errors import ConfigError, DataContractError
 from domain.metrics_registry import registry_snapshot
 from ports.metrics import MetricSink
 from ports.training import TrainingEngine, TrainingJob, TrainingOutcome
@@ -38,37 +38,87 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def logged_steps(log: Path) -> int:
+    """The highest ``global_step`` logged in ``logging.jsonl`` (0 when none: absent, empty, or only a line
+    torn by a kill). Lines that are not JSON objects are skipped here; the metric sink judges them."""
+    if not log.is_file():
+        return 0
+    highest = 0
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        step = event.get("global_step") if isinstance(event, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            highest = max(highest, step)
+    return highest
+
+
+def discard_incomplete_checkpoints(run_dir: Path, *, after_step: int) -> list[Path]:
+    """Remove ``checkpoint-<step>`` directories past ``after_step`` that carry no completion marker.
+
+    They are interrupted saves of the trajectory being abandoned (a kill during a save): never usable
+    (infer-eval-config.md §7.3), and the restarted run writes them afresh, so none of their stale files may
+    linger. A directory with a marker is never touched here.
+    """
+    from application.checkpoints import COMPLETE_MARKER
+
+    removed: list[Path] = []
+    for path in sorted(Path(run_dir).glob("checkpoint-*")):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and suffix.isdigit() and int(suffix) > after_step and not (path / COMPLETE_MARKER).exists():
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
 def resume_checkpoint(run_dir: Path, requested: str | None, *, check_fresh: bool = True) -> Path | None:
     """``training.resume_from_checkpoint``: a checkpoint directory, or ``latest`` (newest complete one).
 
-    A run directory that already holds checkpoints or a ``logging.jsonl`` without a resume request is
-    an error (infer-eval-config.md §7): runs are never silently mixed.
+    A run directory that already holds a complete checkpoint or a logged step, without a resume
+    request, is an error (infer-eval-config.md §7): runs are never silently mixed. A run that never
+    completed a step (only the files written before step 1, an empty log, checkpoint directories
+    without their completion marker) holds nothing to mix with and is simply started again; so is
+    ``latest`` when no checkpoint is complete (step 0 is then the latest state: the log is cut back to
+    it), which is the way forward after a kill during the first checkpoint save.
     """
-    from application.checkpoints import complete_checkpoints
+    from application.checkpoints import checkpoint_problem, complete_checkpoints, latest_usable_checkpoint
 
     if requested is None:
         if not check_fresh:
             return None
-        existing = sorted(p.name for p in run_dir.glob("checkpoint-*")) if run_dir.exists() else []
-        if existing or (run_dir / "logging.jsonl").exists():
+        names = [p.name for p in complete_checkpoints(run_dir)] if run_dir.exists() else []
+        logged = logged_steps(run_dir / "logging.jsonl")
+        if names or logged:
+            held = names + ([f"logging.jsonl (steps up to {logged})"] if logged else [])
             raise ConfigError(
-                f"run directory {run_dir} already holds {existing or ['logging.jsonl']}; set "
+                f"run directory {run_dir} already holds {held}; set "
                 "'training.resume_from_checkpoint' (a checkpoint path or 'latest') or choose a new 'run.name'"
             )
         return None
     if requested == "latest":
         complete = complete_checkpoints(run_dir)
         if not complete:
-            raise ConfigError(
-                f"'training.resume_from_checkpoint: latest' but {run_dir} holds no complete checkpoint"
-            )
-        return complete[-1]
+            if check_fresh:
+                warnings.warn(
+                    f"'training.resume_from_checkpoint: latest': {run_dir} holds no complete checkpoint; "
+                    "starting from step 0",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return None
+        # a complete checkpoint whose files no longer match its marker is skipped with a warning (issue 11 item 5)
+        return latest_usable_checkpoint(run_dir, "training.resume_from_checkpoint")
     path = Path(requested)
     if not (path / "checkpoint_complete.json").is_file():
         raise ConfigError(
             f"'training.resume_from_checkpoint' = {requested!r} is not a complete checkpoint "
             "(no checkpoint_complete.json)"
         )
+    problem = checkpoint_problem(path, "training.resume_from_checkpoint")
+    if problem is not None:
+        raise ConfigError(problem)
     return path
 
 
@@ -133,9 +183,10 @@ def train(loaded: LoadedConfig, engine: TrainingEngine | None = None) -> Trainin
     artifacts.write_json(run_dir / "run_metadata.json", metadata)
     artifacts.write_json(run_dir / "metric_registry.json", registry_snapshot())
 
-    sink = wiring.make_metric_sink(
-        run_dir / "logging.jsonl", resume_step=_checkpoint_step(resume) if resume is not None else None
-    )
+    # A restart (nothing complete) cuts an old log back to step 0 and drops interrupted checkpoint saves.
+    start_step = _checkpoint_step(resume) if resume is not None else 0
+    discard_incomplete_checkpoints(run_dir, after_step=start_step)
+    sink = wiring.make_metric_sink(run_dir / "logging.jsonl", resume_step=start_step)
     outcome = _run_engine(loaded, engine, run_dir, resolved_path, sink, train_split, val_split, resume)
     artifacts.write_json(run_dir / "run_metadata.json", mark_finished(metadata, collector))
     return outcome
@@ -180,17 +231,23 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config_path = parse_config_argument(sys.argv[1:] if argv is None else argv, ENTRY_POINT)
-    try:
+    def body(config_path: Path) -> int:
+        from contextlib import nullcontext
+
+        from application.run_lock import hold_run_directory
+
         loaded = load_config(config_path, entry_point="train")
-        outcome = train(loaded)
-    except CoordExpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    losses = ", ".join(f"{v:.4f}" for v in outcome.step_losses)
-    print(f"Training complete: global_step={outcome.global_step} last_checkpoint={outcome.last_checkpoint}")
-    print(f"per-step losses: [{losses}]")
-    return 0
+        is_main = process_rank() == 0  # the other ranks of a torchrun job share rank 0's run directory and lock
+        with hold_run_directory(loaded.config, ENTRY_POINT) if is_main else nullcontext():
+            outcome = train(loaded)
+        if not is_main:
+            return 0
+        losses = ", ".join(f"{v:.4f}" for v in outcome.step_losses)
+        print(f"Training complete: global_step={outcome.global_step} last_checkpoint={outcome.last_checkpoint}")
+        print(f"per-step losses: [{losses}]")
+        return 0
+
+    return run_entry_point(argv, ENTRY_POINT, body)
 
 
 if __name__ == "__main__":

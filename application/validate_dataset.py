@@ -19,10 +19,16 @@ from typing import Any
 
 import attrs
 
-from application.dataset_images import DEFAULT_CHECK_WORKERS, image_problems, image_root_for
-from domain.errors import ArtifactError, ConfigError, CoordExpError, DataProblem, InvariantViolation
+from application.dataset_images import (
+    DEFAULT_CHECK_WORKERS,
+    ImageVerdictCache,
+    image_problems,
+    image_root_for,
+)
+from application.datasets import read_split_lines
+from domain.errors import ArtifactError, ConfigError, DataProblem, InvariantViolation
 from domain.objects import Ordering
-from domain.records import RecordSet, validate_jsonl_records
+from domain.records import RecordSet, no_records_problem, validate_jsonl_records
 from ports.storage import ArtifactStore, ImageStore
 
 PROG = "python -m application.validate_dataset"
@@ -109,14 +115,17 @@ def validate_split(
 ) -> SplitValidation:
     """All loader checks on one JSONL file; never raises for data problems (they are collected)."""
     try:
-        lines = [(line.number, line.text) for line in artifacts.read_lines(path)]
+        lines, unreadable = read_split_lines(path, artifacts)
     except ArtifactError as exc:
         return SplitValidation(key, path, 0, (f"{key}: {exc}",))
     record_set, contract = validate_jsonl_records(
-        lines, str(path), max_pixels=max_pixels, bbox_only=bbox_only, ordering=ordering
+        lines, str(path), max_pixels=max_pixels, bbox_only=bbox_only, ordering=ordering, unreadable=unreadable
     )
     problems: list[DataProblem | str] = list(contract)
-    problems += image_problems(record_set, image_root_for(path, image_root), images, workers=workers)
+    if not len(record_set) and not contract:
+        problems.append(f"{key}: {no_records_problem(str(path))}")
+    root = image_root_for(path, image_root)
+    problems += image_problems(record_set, root, images, workers=workers, cache=ImageVerdictCache(artifacts, root))
     lengths: Distribution | None = None
     note = "not computed (no sample-length function: configure a model to measure token lengths)"
     if sample_lengths is not None:
@@ -182,11 +191,10 @@ def report_text(result: DatasetValidation) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m application.validate_dataset --config FILE``: exit 0 when clean, 1 otherwise."""
     from application import wiring
-    from application.cli import parse_config_argument
+    from application.cli import run_entry_point
     from application.config import load_config
 
-    config_path = parse_config_argument(list(sys.argv[1:] if argv is None else argv), PROG)
-    try:
+    def body(config_path: Path) -> int:
         config = load_config(config_path).config
         # Token lengths need the model's processor; the sample-encoder wiring provides them when present.
         factory = getattr(wiring, "make_sample_lengths", None)
@@ -195,13 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, artifacts=wiring.make_artifact_store(), images=wiring.make_image_store(),
             sample_lengths=sample_lengths,
         )
-    except InvariantViolation:
-        raise
-    except CoordExpError as exc:
-        print(f"validate_dataset: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(report_text(result))
-    return 0 if result.ok else 1
+        print(report_text(result))
+        return 0 if result.ok else 1
+
+    return run_entry_point(argv, PROG, body)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import re
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from domain.evaluation import (
     prepare_record,
     primary_f1ish_threshold,
 )
+from domain.lvis import FREQUENCY_NAMES, LVIS_FREQUENCIES, LVIS_STAT_NAMES
 from domain.records import image_path_problem
 from ports.rendering import (
     ImageRenderer,
@@ -63,6 +63,7 @@ REPORT_HTML = "report.html"
 PR_CURVES_PNG = "report_pr_curves.png"
 PER_CLASS_AP_PNG = "report_per_class_ap.png"
 PARSE_DROPS_PNG = "report_parse_drops.png"
+PER_FREQUENCY_AP_PNG = "report_per_frequency_ap.png"
 OWN_FILES = re.compile(r"^(vis_\d{6}\.png|report\.html|report_[a-z_]+\.png|vis_summary\.json)$")
 
 MAX_AP_BARS = 60  # beyond this many categories the chart shows the best and the worst halves
@@ -292,9 +293,20 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def per_frequency_groups(metrics: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, float]]]]:
+    """``[("rare", [("bbox", APr), ("segm", APr)]), ...]`` from LVIS metrics; ``[]`` for a COCO evaluation."""
+    groups = []
+    for freq in LVIS_FREQUENCIES:
+        rows = [(t, float(metrics[f"{t}_AP{freq}"])) for t in ("bbox", "segm") if f"{t}_AP{freq}" in metrics]
+        if rows:
+            groups.append((FREQUENCY_NAMES[freq], rows))
+    return groups
+
+
 def key_metrics(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """COCO stats (bbox, then segm) and, per F1-ish threshold (primary first), micro P/R/F1."""
-    rows = [(f"{t}_{s}", _fmt(metrics[f"{t}_{s}"])) for t in ("bbox", "segm") for s in COCO_STAT_NAMES
+    """COCO (or LVIS) stats (bbox, then segm) and, per F1-ish threshold (primary first), micro P/R/F1."""
+    names = dict.fromkeys((*COCO_STAT_NAMES, *LVIS_STAT_NAMES))
+    rows = [(f"{t}_{s}", _fmt(metrics[f"{t}_{s}"])) for t in ("bbox", "segm") for s in names
             if f"{t}_{s}" in metrics]  # fmt: skip
     thrs = [float(t) for t in meta.get("f1ish_iou_thrs") or []]
     if thrs:
@@ -305,6 +317,7 @@ def key_metrics(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> list[tup
                          "precision_full_micro", "recall_full_micro", "f1_full_micro"):  # fmt: skip
                 if prefix + name in metrics:
                     rows.append((prefix + name, _fmt(metrics[prefix + name])))
+    rows += [(k, _fmt(v)) for k, v in metrics.items() if k.startswith("dup/raw/")]  # stage2.md §18.7
     return rows
 
 
@@ -377,8 +390,11 @@ def write_report(
     renderer: ImageRenderer,
     report_renderer: ReportRenderer,
     store: ArtifactStore,
+    thumbnails: Sequence[tuple[str, str]] = (),
+    summary: str | None = None,
 ) -> Path:
-    """Plots and ``report.html`` in ``output_dir`` from the evaluator's outputs in ``eval_dir``."""
+    """Plots and ``report.html`` in ``output_dir`` from the evaluator's outputs in ``eval_dir``; the
+    ``thumbnails`` (overlay PNGs in ``output_dir`` with captions) are shown as a grid, ``summary`` first."""
     document = store.read_json(eval_dir / "metrics.json")
     if not isinstance(document, dict) or not isinstance(document.get("metrics"), dict):
         raise ArtifactError(
@@ -414,11 +430,20 @@ def write_report(
     else:
         figures.append(ReportFigure("Per-class AP", None, f"not available: {per_class_file} does not exist"))
 
+    frequency_groups = per_frequency_groups(metrics)
+    if frequency_groups:  # eval.dataset_style: lvis
+        store.write_bytes(
+            output_dir / PER_FREQUENCY_AP_PNG,
+            renderer.frequency_ap_png(frequency_groups, "LVIS AP per category frequency"),
+        )
+        note = "APr / APc / APf: categories in < 10, 10-99, >= 100 training images."
+        figures.append(ReportFigure("AP per category frequency (LVIS)", PER_FREQUENCY_AP_PNG, note))
+
     store.write_bytes(
         output_dir / PARSE_DROPS_PNG, renderer.drop_counts_png(error_counts, "Parse drops and record codes")
     )
     figures.append(ReportFigure("Parse drops by reason", PARSE_DROPS_PNG,
-                                "Occurrences of each error code over all records of gt_vs_pred.jsonl (§3.2)."))  # fmt: skip
+                                "Occurrences of each error code over all records of gt_vs_pred.jsonl."))  # fmt: skip
 
     notes = [f"Evaluator outputs: {eval_dir.absolute()}"]
     notes += [
@@ -430,6 +455,8 @@ def write_report(
         metrics=tuple(key_metrics(metrics, meta)),
         counters=tuple((str(k), _fmt(v)) for k, v in counters.items()),
         notes=tuple(notes),
+        thumbnails=tuple(thumbnails),
+        summary=summary,
     )
     path = output_dir / REPORT_HTML
     store.write_text(path, report_renderer.report_html(page))
@@ -470,6 +497,26 @@ class VisSummary:
 
 def overlay_file_name(index: int) -> str:
     return f"vis_{index:06d}.png"
+
+
+def overlay_caption(item: VisRecord, gt: int, preds: int) -> str:
+    """``index 0 · img_1.jpg · 3 GT, 3 predictions`` plus the record's error codes, if any."""
+    codes = item.record.get("errors") or []
+    name = Path(str(item.record.get("image", ""))).name
+    text = f"index {item.index} · {name} · {gt} GT, {preds} predictions"
+    return text + (f" · {', '.join(sorted(set(codes)))}" if codes else "")
+
+
+def empty_reason(content: ArtifactContent) -> str | None:
+    """Why the report is empty, e.g. ``0 predictions on 3 images: 3 parse_failed, 3 truncated``; None when
+    there are predictions."""
+    from application.headline import empty_result_reason
+    from domain.inference import OBJECT_CODES, PRED_OBJECTS_DROPPED, PRED_OBJECTS_VALID
+
+    counts = dict(content.error_counts)
+    counts[PRED_OBJECTS_VALID] = sum(len(r.record.get("pred") or []) for r in content.records)
+    counts[PRED_OBJECTS_DROPPED] = sum(counts.get(code, 0) for code in OBJECT_CODES)
+    return empty_result_reason(counts, len(content.records))
 
 
 def _remove_own_files(output_dir: Path) -> None:
@@ -516,6 +563,7 @@ def run_vis_stage(
 
     _remove_own_files(output_dir)
     rendered = skipped = not_drawn = 0
+    thumbnails: list[tuple[str, str]] = []
     for item in selected:
         image = validated_record(item, artifact)
         objects = overlay_objects(image, raw_scores(image, item.record["pred"]))
@@ -527,6 +575,7 @@ def run_vis_stage(
         if drawn:
             rendered += 1
             not_drawn += len(image.invalid_preds)
+            thumbnails.append((overlay_file_name(item.index), overlay_caption(item, len(image.gt), len(image.preds))))
         else:
             skipped += 1
 
@@ -538,7 +587,8 @@ def run_vis_stage(
         reason = f"no metrics.json in {eval_dir}"
     else:
         report = write_report(Path(eval_dir), output_dir, content.error_counts,
-                              renderer=renderer, report_renderer=report_renderer, store=store)  # fmt: skip
+                              renderer=renderer, report_renderer=report_renderer, store=store,
+                              thumbnails=thumbnails, summary=empty_reason(content))  # fmt: skip
 
     summary = VisSummary(
         rendered=rendered,
@@ -595,11 +645,15 @@ PROG = "application.visualize"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from application.cli import run_entry_point
+
+    return run_entry_point(argv, PROG, _visualize_main)
+
+
+def _visualize_main(config_path: Path) -> int:
     from application import wiring
-    from application.cli import parse_config_argument
     from application.config import check_local_paths, load_config
 
-    config_path = parse_config_argument(list(sys.argv[1:] if argv is None else argv), PROG)
     config = load_config(config_path, entry_point="visualize").config
     check_local_paths(config, "visualize")
     if config.data.image_root is not None and not Path(config.data.image_root).is_dir():
@@ -607,17 +661,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"'data.image_root' must be an existing local directory: {config.data.image_root} not found"
         )
     paths = resolve_vis_paths(config)
-    summary = run_vis_stage(
-        paths.artifact,
-        paths.output_dir,
-        limit=config.vis.limit,
-        image_root=config.data.image_root,
-        eval_dir=paths.eval_dir,
-        renderer=wiring.make_image_renderer(),
-        report_renderer=wiring.make_report_renderer(),
-        images=wiring.make_image_store(),
-        store=wiring.make_artifact_store(),
-    )
+    from application.run_lock import hold_run_directory
+
+    with hold_run_directory(config, PROG, fallback=paths.output_dir):
+        summary = run_vis_stage(
+            paths.artifact,
+            paths.output_dir,
+            limit=config.vis.limit,
+            image_root=config.data.image_root,
+            eval_dir=paths.eval_dir,
+            renderer=wiring.make_image_renderer(),
+            report_renderer=wiring.make_report_renderer(),
+            images=wiring.make_image_store(),
+            store=wiring.make_artifact_store(),
+        )
     print(
         json.dumps({"output_dir": str(paths.output_dir.absolute()), **summary.to_json()}, ensure_ascii=False)
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ports.evaluation import CocoEvaluator, TextEncoder
+from ports.evaluation import CocoEvaluator, LvisEvaluator, TextEncoder
 
 if TYPE_CHECKING:
     from application.config.schema import SemanticConfig
@@ -24,6 +24,13 @@ def make_coco_evaluator(backend: str) -> CocoEvaluator:
     from adapters.coco.evaluator import coco_evaluator_for
 
     return coco_evaluator_for(backend)
+
+
+def make_lvis_evaluator(backend: str) -> LvisEvaluator:
+    """``eval.lvis_backend`` -> an LVIS federated evaluator; a missing package is a ConfigError."""
+    from adapters.coco.lvis_evaluator import lvis_evaluator_for
+
+    return lvis_evaluator_for(backend)
 
 
 def make_text_encoder(model_path: str | Path, *, device: str = "auto", batch_size: int = 64) -> TextEncoder:
@@ -82,6 +89,20 @@ def make_artifact_store() -> ArtifactStore:
     return FileArtifactStore()
 
 
+def make_checkpoint_store() -> CheckpointStore:
+    """Complete checkpoints of a run directory and the check of their completion markers."""
+    from adapters.storage.checkpoints import FileCheckpointStore
+
+    return FileCheckpointStore()
+
+
+def make_run_lock() -> RunLock:
+    """The run-directory lock (``flock`` on ``<run_dir>.lock``, holder named by pid and host)."""
+    from adapters.storage.run_lock import FileRunLock
+
+    return FileRunLock()
+
+
 def make_image_store() -> ImageStore:
     """Image header reads, RGB decoding and the converter's resize / byte-copy writes (Pillow)."""
     from adapters.storage.images import PillowImageStore
@@ -90,7 +111,7 @@ def make_image_store() -> ImageStore:
 
 
 if TYPE_CHECKING:
-    from ports.storage import ArtifactStore, ImageStore
+    from ports.storage import ArtifactStore, CheckpointStore, ImageStore, RunLock
 # --- end storage/images (converter) ---
 
 
@@ -197,6 +218,22 @@ if TYPE_CHECKING:
 # ============================================================================================
 
 
+# ==== Adapter merge ====
+# application.merge_adapter (infer-eval-config.md §7.3): LoRA / DoRA + coord offsets -> full weights.
+
+
+def make_adapter_merger() -> AdapterMerger:
+    """peft's ``merge_and_unload`` plus the coord-offset export, on the project's checkpoint loader."""
+    from adapters.hf.merge import PeftAdapterMerger
+
+    return PeftAdapterMerger()
+
+
+if TYPE_CHECKING:
+    from ports.adapter_merge import AdapterMerger
+# ==== End of adapter merge ====
+
+
 # ============================================================================================
 # ==== Inference ====
 # application.infer (infer-eval-config.md §2.6): the generation backend of the infer stage and the
@@ -255,7 +292,7 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
 
         settings = engine_kwargs(
             model_path=model_path, dtype=model.dtype, seed=config.run.seed, launch=vllm.launch,
-            image_root=str(request.image_root), max_pixels=max_pixels,
+            image_root=str(request.image_root), max_pixels=max_pixels, trust_remote_code=vllm.trust_remote_code,
         )  # fmt: skip
         local = VllmLocalBackend(settings, end_of_turn=end_of_turn, expected_prompt_tokens=prompt_tokens)
         return GenerationEngine(local, tokenizer, frozenset(stop_ids))
@@ -269,7 +306,7 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
     if vllm.auto_launch and is_local_url(vllm.base_url) and vllm_importable():
         argv = vllm_server_argv(
             model_path=model_path, base_url=vllm.base_url, dtype=model.dtype, served_model_name=served,
-            launch=vllm.launch, max_pixels=max_pixels,
+            launch=vllm.launch, max_pixels=max_pixels, trust_remote_code=vllm.trust_remote_code,
         )  # fmt: skip
         launch = LaunchPlan(argv, request.run_dir / "vllm_server.log", vllm.launch.startup_timeout_s)
     server = connect(settings_, end_of_turn=end_of_turn, launch=launch, expected_prompt_tokens=prompt_tokens)
@@ -281,4 +318,114 @@ if TYPE_CHECKING:
     from ports.generation import GenerationRequest
 # ============================================================================================
 # ==== End of inference ====
+# ============================================================================================
+
+
+# ============================================================================================
+# ==== Stage-2 rollout backends (stage2.md §2.2, §16; D11) ====
+# The `rollout` block -> a ports.rollout.RolloutBackend: HF generate on the live module, the vLLM
+# colocate engine, or `swift rollout` servers. Owned by the rollout helper.
+# ============================================================================================
+
+
+def make_rollout_decoding(rollout: RolloutConfig, n: int = 1) -> RolloutDecoding:
+    """``rollout.{decode_mode, max_new_tokens, num_beams, decoding.*, repetition_penalty}`` as the port's settings."""
+    from ports.rollout import RolloutDecoding
+
+    return RolloutDecoding(
+        max_new_tokens=rollout.max_new_tokens,
+        decode_mode=rollout.decode_mode,
+        temperature=rollout.decoding.temperature,
+        top_p=rollout.decoding.top_p,
+        top_k=rollout.decoding.top_k,
+        repetition_penalty=rollout.repetition_penalty,
+        num_beams=rollout.num_beams,
+        n=n,
+    )
+
+
+def make_rollout_backend(
+    config: CoordExpConfig,
+    *,
+    module: object | None,
+    encoder: SampleEncoderPort,
+    stop_ids: frozenset[int],
+    model_dir: Path | None = None,
+    device: str = "cpu",
+    world_size: int = 1,
+    rank: int = 0,
+    initial_version: int = 0,
+) -> RolloutBackend:
+    """``rollout.backend`` / ``rollout.vllm.mode`` -> a rollout backend.
+
+    ``module`` is the live training module (HF backend); ``encoder`` the generate-mode encoder whose tokenizer
+    decodes the pieces; ``model_dir`` the checkpoint the vLLM engine loads (colocate).
+    """
+    from domain.errors import ConfigError
+
+    rollout = config.rollout
+    if rollout is None:
+        raise ConfigError("rollout: a Stage-2 run needs the rollout block")
+    if rollout.backend == "hf":
+        from adapters.hf.rollout import HFRolloutBackend
+
+        if module is None:
+            raise ConfigError("rollout.backend: hf rolls out with the live training module; none was given")
+        batch = rollout.hf_batch_size if rollout.hf_batch_size is not None else rollout.generate_batch_size
+        return HFRolloutBackend(
+            module, encoder, stop_ids=stop_ids, device=device, batch_size=batch, initial_version=initial_version
+        )  # fmt: skip
+    vllm = rollout.vllm
+    if vllm.mode == "server":
+        from adapters.swift_rollout.client import ServerEndpoint, SwiftRolloutClient, SwiftRolloutSettings
+        from adapters.swift_rollout.nccl import nccl_available, nccl_broadcaster_factory
+
+        settings = SwiftRolloutSettings(
+            servers=tuple(ServerEndpoint(s.base_url, s.group_port) for s in vllm.server.servers),
+            timeout_s=vllm.server.timeout_s,
+            infer_timeout_s=vllm.server.infer_timeout_s,
+            api_key_env=vllm.server.api_key_env,
+            repeat_terminate=rollout.repeat_terminate.enabled,
+            bucket_size_mib=vllm.sync.bucket_size_mib,
+        )
+        factory = nccl_broadcaster_factory(device) if nccl_available() else None
+        return SwiftRolloutClient(
+            settings, encoder.tokenizer, stop_ids=stop_ids, broadcaster_factory=factory, initial_version=initial_version
+        )  # fmt: skip
+    import attrs
+
+    from adapters.vllm.colocate import ColocateSettings, VllmColocateBackend
+
+    assert config.model is not None
+    path = model_dir if model_dir is not None else config.model.path
+    if path is None:
+        raise ConfigError("model.path: the vLLM colocate engine loads a local checkpoint directory")
+    engine_kwargs = {k: v for k, v in attrs.asdict(vllm.engine_kwargs).items() if v is not None}
+    colocate = ColocateSettings(
+        model_path=str(path),
+        dtype=config.model.dtype,
+        max_model_len=vllm.max_model_len,
+        tensor_parallel_size=vllm.tensor_parallel_size,
+        gpu_memory_utilization=vllm.gpu_memory_utilization,
+        max_num_seqs=vllm.max_num_seqs,
+        enable_prefix_caching=vllm.enable_prefix_caching,
+        enforce_eager=vllm.enforce_eager,
+        enable_lora=vllm.enable_lora,
+        load_format=vllm.load_format,
+        sleep_level=vllm.sleep_level,
+        engine_kwargs=engine_kwargs,
+        world_size=world_size,
+        rank=rank,
+        infer_batch_size=rollout.generate_batch_size if rollout.infer_batch_size is None else rollout.infer_batch_size,
+        repeat_terminate=rollout.repeat_terminate.enabled,
+    )
+    return VllmColocateBackend(colocate, encoder.tokenizer, stop_ids=stop_ids, initial_version=initial_version)
+
+
+if TYPE_CHECKING:
+    from application.config.schema import RolloutConfig
+    from ports.rollout import RolloutBackend, RolloutDecoding
+    from ports.tokenizer import SampleEncoderPort
+# ============================================================================================
+# ==== End of Stage-2 rollout backends ====
 # ============================================================================================

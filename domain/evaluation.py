@@ -52,6 +52,8 @@ F1ISH_KEY_SUFFIXES: tuple[str, ...] = (
 )  # fmt: skip
 
 F1ISH_DEFAULT_IOU_THRS: tuple[float, ...] = (0.3, 0.5)
+# A ratio with nothing to measure (no evaluated prediction, no ground truth): COCO's spelling of "undefined".
+UNDEFINED_METRIC = -1.0
 
 # Per-object prediction codes (§4.1), in the order the checks run.
 PRED_INVALID_CODES: tuple[str, ...] = (
@@ -505,6 +507,8 @@ def normalize_desc(text: str) -> str:
 class Category:
     id: int
     name: str
+    # LVIS categories list alternative names; a prediction desc equal to one maps like the name (§4.2).
+    synonyms: tuple[str, ...] = ()
 
 
 class MappingRule(str, enum.Enum):
@@ -552,6 +556,10 @@ class CategoryTable:
         for cat in self.categories:  # ascending id: setdefault keeps the lowest id
             exact.setdefault(cat.name, cat.id)
             normalized.setdefault(normalize_desc(cat.name), cat.id)
+        for cat in self.categories:  # synonyms after every name: a name always wins over a synonym
+            for synonym in cat.synonyms:
+                exact.setdefault(synonym, cat.id)
+                normalized.setdefault(normalize_desc(synonym), cat.id)
         object.__setattr__(self, "_exact", exact)
         object.__setattr__(self, "_normalized", normalized)
 
@@ -1076,24 +1084,40 @@ def f1ish_summary(results: Sequence[F1ishImage], thr: float) -> dict[str, int | 
         "pred_eval": sum(r.pred_count_eval for r in results),
         "pred_ignored": sum(len(r.ignored_pred_indices) for r in results),
     }
-    for level, micro, per_image in (
-        ("loc", prf(tp_loc, fp_loc, fn_loc), [prf(r.tp_loc, r.fp_loc, r.fn_loc) for r in results]),
-        ("full", prf(tp_full, fp_full, fn_full), [prf(r.tp_full, r.fp_full, r.fn_full) for r in results]),
+    for level, sums, per_image in (
+        ("loc", (tp_loc, fp_loc, fn_loc), [prf(r.tp_loc, r.fp_loc, r.fn_loc) for r in results]),
+        ("full", (tp_full, fp_full, fn_full), [prf(r.tp_full, r.fp_full, r.fn_full) for r in results]),
     ):
+        micro = prf(*sums)
+        # Nothing predicted and nothing annotated: no score at all, never a perfect one (COCO's -1).
+        undefined = sum(sums) == 0
         for k, name in enumerate(("precision", "recall", "f1")):
-            values[f"{name}_{level}_micro"] = micro[k]
+            values[f"{name}_{level}_micro"] = UNDEFINED_METRIC if undefined else micro[k]
             values[f"{name}_{level}_macro"] = (
-                sum(v[k] for v in per_image) / len(per_image) if per_image else 0.0
+                UNDEFINED_METRIC if undefined else sum(v[k] for v in per_image) / len(per_image)
             )
         if level == "loc":
             values["matched_sem_ok"] = sem_ok
             values["matched_sem_bad"] = sem_bad
-            values["sem_acc_on_matched"] = sem_ok / tp_loc if tp_loc else 1.0
+            values["sem_acc_on_matched"] = (
+                UNDEFINED_METRIC if undefined else (sem_ok / tp_loc if tp_loc else 1.0)
+            )
             values["tp_full"] = tp_full
             values["fp_full"] = fp_full
             values["fn_full"] = fn_full
     prefix = f"f1ish@{f1ish_threshold_label(thr)}_"
     return {prefix + suffix: values[suffix] for suffix in F1ISH_KEY_SUFFIXES}
+
+
+def f1ish_undefined_problem(summary: Mapping[str, int | float], thr: float) -> str | None:
+    """Why the ``f1ish@{thr}`` ratios of ``summary`` are undefined (-1.0), or None when they are defined."""
+    prefix = f"f1ish@{f1ish_threshold_label(thr)}_"
+    if summary[prefix + "tp_loc"] or summary[prefix + "fp_loc"] or summary[prefix + "fn_loc"]:
+        return None
+    return (
+        f"{prefix[:-1]}: no evaluated prediction and no ground-truth object in the artifact; precision, "
+        f"recall and F1 are undefined and reported as {UNDEFINED_METRIC} (as COCO does), not as a score"
+    )
 
 
 def match_row(image: EvalImage, result: F1ishImage, scope: PredScope) -> dict[str, Any]:

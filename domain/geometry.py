@@ -244,6 +244,22 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union
 
 
+def pairwise_box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """:func:`box_iou` of every row pair of two ``(n, 4)`` / ``(m, 4)`` xyxy arrays, shape ``(n, m)``;
+    the same float64 operations in the same order, so each entry equals ``box_iou`` exactly."""
+    p = np.asarray(a, dtype=np.float64).reshape(-1, 4)[:, None, :]
+    g = np.asarray(b, dtype=np.float64).reshape(-1, 4)[None, :, :]
+    area_a = np.maximum(0.0, p[..., 2] - p[..., 0]) * np.maximum(0.0, p[..., 3] - p[..., 1])
+    area_b = np.maximum(0.0, g[..., 2] - g[..., 0]) * np.maximum(0.0, g[..., 3] - g[..., 1])
+    iw = np.maximum(0.0, np.minimum(p[..., 2], g[..., 2]) - np.maximum(p[..., 0], g[..., 0]))
+    ih = np.maximum(0.0, np.minimum(p[..., 3], g[..., 3]) - np.maximum(p[..., 1], g[..., 1]))
+    inter = iw * ih
+    union = area_a + area_b - inter
+    out: npt.NDArray[np.float64] = np.zeros(inter.shape, dtype=np.float64)
+    np.divide(inter, union, out=out, where=union > 0.0)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Simplicity (tests, converter checks)
 

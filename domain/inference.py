@@ -88,6 +88,8 @@ class GeneratedText:
     token_ids: tuple[int, ...] = attrs.field(converter=_int_tuple)
     text: str
     token_logprobs: tuple[float, ...] = attrs.field(converter=_float_tuple)
+    #: the generation stopped at ``max_new_tokens`` without an end-of-turn id (finish reason ``length``)
+    hit_token_limit: bool = False
 
 
 @attrs.frozen
@@ -273,6 +275,8 @@ def process_generation(
             f"{len(generated.token_ids)} generated ids but {len(generated.token_logprobs)} log-probs"
         )
     objects, errors = salvage_codes(generated.text, field_order, coord_mode)
+    if generated.hit_token_limit and TRUNCATED not in errors:
+        errors.append(TRUNCATED)  # cut off by max_new_tokens, even where no container was found
     scanned = paired_records(scan(generated.token_ids), field_order, coord_mode)
     check_scanner_agreement(objects, scanned)
     pred: list[PredictedObject] = []

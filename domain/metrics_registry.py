@@ -373,6 +373,14 @@ def _stage2_keys() -> list[MetricKey]:
             weight="n")
     for what in ("rollout", "train", "append", "encoded"):
         add(f"rollout/{what}_len_p90", "rollout", R.PCTL, B, f"90th percentile of the {what} length")
+    # §18.7 duplicate monitor (domain.duplicates; B steps and eval rollouts, supervision unchanged).
+    dup = "B steps and eval rollouts"
+    add("dup/raw/pairs", "dup", R.MEAN, dup, "duplicate-like pairs per sample (same normalised desc, box IoU >= "
+        "duplicate_monitor.iou_threshold), mean over samples", weight="1 per sample", modes=BOTH_MODES)
+    add("dup/raw/max_cluster_size", "dup", R.MEAN, dup, "largest duplicate cluster per sample (1 when there is none), "
+        "mean over samples", weight="1 per sample", modes=BOTH_MODES)
+    add("dup/raw/excess_object_frac", "dup", R.RATIO, dup, "Σ excess objects (cluster size − 1) / Σ valid bbox objects; "
+        "0 when there is no valid object", weight="valid bbox objects", empty_value=0.0, modes=BOTH_MODES)
     # §18.5 time, packing, train.
     add("time/rollout_generate_s", "time", R.MAX, B, "rollout generation wall time, s")
     for name in ("rollout_parse_match_s", "rollout_teacher_encode_s", "post_rollout_pack_s", "forward_s", "mask_build_s"):

@@ -226,8 +226,11 @@ def plan_packs(
             packs.append(pack)
 
     if not packs:
+        # name the data file(s): "<file>:<line>" locations, the line cut off at its last colon
+        files = sorted({loc.rpartition(":")[0] or loc for loc in locations}) if locations else []
+        where = f" for {', '.join(files)}" if files else ""
         raise DataContractError(
-            f"empty pack plan: N={len(lengths)} samples, C={capacity} (training.max_length), "
+            f"empty pack plan{where}: N={len(lengths)} samples, C={capacity} (training.max_length), "
             f"f={settings.packing_min_fill_ratio} (training.packing_min_fill_ratio), "
             f"drop_last={settings.packing_drop_last}; add data or set training.packing_drop_last: false"
         )

@@ -7,7 +7,7 @@ Pure: callers hand in ``(line number, text)`` pairs; reading files and images is
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -410,8 +410,22 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def loads_strict(text: str) -> Any:
-    """Strict JSON: no NaN / Infinity, no duplicate keys (ValueError, json.JSONDecodeError included)."""
-    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    """Strict JSON: no NaN / Infinity, no duplicate keys (ValueError, json.JSONDecodeError included). A line
+    nested deeper than the decoder's recursion limit is a ValueError too, never a RecursionError."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
+def no_records_problem(source: str) -> str:
+    """The reason a split without a single record is refused before anything is written (data.md §7.1)."""
+    return f"{source}: holds no records (the file is empty or has only blank lines)"
+
+
+def in_line_order(problems: Iterable[DataProblem]) -> tuple[DataProblem, ...]:
+    """Problems of one file by line (stable: a record's own problems keep their order)."""
+    return tuple(sorted(problems, key=lambda p: p.line))
 
 
 def validate_jsonl_records(
@@ -421,13 +435,16 @@ def validate_jsonl_records(
     max_pixels: int,
     bbox_only: bool,
     ordering: Ordering,
+    unreadable: Iterable[tuple[int, str]] = (),
 ) -> tuple[RecordSet, tuple[DataProblem, ...]]:
     """Validate every line; return the valid records and EVERY problem (validate_dataset reports all).
 
-    Blank or whitespace-only lines are skipped but keep their line numbers.
+    Blank or whitespace-only lines are skipped but keep their line numbers. ``unreadable`` holds
+    ``(line, reason)`` for lines the reader could not decode (not UTF-8): each is one problem, merged in
+    line order, and the other lines are still validated.
     """
     records: list[Record] = []
-    problems: list[DataProblem] = []
+    problems: list[DataProblem] = [DataProblem(source, number, "", reason) for number, reason in unreadable]
     for number, text in lines:
         if not text.strip():
             continue
@@ -445,7 +462,7 @@ def validate_jsonl_records(
         problems.extend(DataProblem(source, number, field, reason) for field, reason in found)
         if record is not None:
             records.append(record)
-    return RecordSet(source, records), tuple(problems)
+    return RecordSet(source, records), in_line_order(problems)
 
 
 def parse_jsonl_records(
@@ -456,19 +473,27 @@ def parse_jsonl_records(
     bbox_only: bool,
     ordering: Ordering,
     limit: int | None = None,
+    unreadable: Iterable[tuple[int, str]] = (),
+    further_checks: Callable[[RecordSet], Iterable[DataProblem]] | None = None,
 ) -> RecordSet:
     """The training loader's eager validation (§1.1.3, D15): every record is validated; any problem
     raises one :class:`DataContractError` listing the first 20 then ``... and N more`` (its
-    ``problems`` attribute holds all of them). ``limit`` keeps the first N records in file order."""
+    ``problems`` attribute holds all of them). ``limit`` keeps the first N records in file order.
+
+    ``further_checks`` (the image checks) runs on the kept valid records even when other records are
+    invalid, and its problems join the same error: every kind of problem is reported in one pass.
+    """
     if limit is not None and (not _is_int(limit) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     record_set, problems = validate_jsonl_records(
-        lines, source, max_pixels=max_pixels, bbox_only=bbox_only, ordering=ordering
+        lines, source, max_pixels=max_pixels, bbox_only=bbox_only, ordering=ordering, unreadable=unreadable
     )
+    if limit is not None:
+        record_set = RecordSet(source, record_set.records[:limit])
+    if further_checks is not None:
+        problems = in_line_order(problems + tuple(further_checks(record_set)))
     if problems:
         raise DataContractError(problems)
-    if limit is not None:
-        return RecordSet(source, record_set.records[:limit])
     return record_set
 
 

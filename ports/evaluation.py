@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from domain.evaluation import CocoEvaluation
+from domain.lvis import LvisEvaluation
 
 
 @runtime_checkable
@@ -39,6 +40,33 @@ class CocoEvaluator(Protocol):
     ) -> npt.NDArray[np.float64]:
         """Mask IoU ``[len(preds), len(gts)]`` from the library's mask utilities: every ring is rasterised
         at ``height x width`` (polygons as flat lists, boxes as 8-value quads, ``iscrowd = 0``)."""
+        ...
+
+
+@runtime_checkable
+class LvisEvaluator(Protocol):
+    """LVIS federated evaluation from a library (faster-coco-eval ``lvis_style`` or ``lvis.LVISEval``).
+
+    ``gt`` is an LVIS-format ground truth (checked by :func:`domain.lvis.check_lvis_gt`). Detections
+    of a category that an image neither contains nor lists in ``neg_category_ids`` are not
+    evaluated; an unmatched detection of a category in the image's ``not_exhaustive_category_ids``
+    is not a false positive; at most 300 detections per image across categories
+    (:func:`domain.lvis.top_detections_per_image`). Every backend gives LVISEval's numbers.
+    Implementations must not mutate ``gt`` or ``results``, and handle an empty ``results``.
+    """
+
+    backend: str
+
+    def evaluate(
+        self,
+        gt: Mapping[str, Any],
+        results: Sequence[Mapping[str, Any]],
+        iou_type: str,
+        *,
+        iou_thrs: Sequence[float] | None = None,
+        img_ids: Sequence[int] | None = None,
+    ) -> LvisEvaluation:
+        """Run the federated evaluation (``iou_type`` ``bbox`` or ``segm``)."""
         ...
 
 

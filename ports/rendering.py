@@ -94,6 +94,13 @@ class ImageRenderer(Protocol):
         """Horizontal bars of counts per reason code, in the given order (zeros drawn as empty bars)."""
         ...
 
+    def frequency_ap_png(
+        self, groups: Sequence[tuple[str, Sequence[tuple[str, float]]]], title: str
+    ) -> bytes:
+        """LVIS AP per frequency group: one cluster per group (``"rare"``, ...), one bar per series
+        (``"bbox"``, ``"segm"``) inside it; a value below 0 (group without categories) is marked n/a."""
+        ...
+
 
 @attrs.frozen
 class ReportFigure:
@@ -113,6 +120,10 @@ class ReportPage:
     metrics: tuple[tuple[str, str], ...]
     counters: tuple[tuple[str, str], ...]
     notes: tuple[str, ...] = ()
+    #: overlay thumbnails shown as a grid: (PNG file next to the page, caption)
+    thumbnails: tuple[tuple[str, str], ...] = ()
+    #: a sentence shown first when something needs explaining (e.g. why there are no predictions)
+    summary: str | None = None
 
 
 class ReportRenderer(Protocol):

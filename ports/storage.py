@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,10 +22,15 @@ from domain.resize import ImageSize
 
 @attrs.frozen
 class NumberedLine:
-    """One physical line of a text file: 1-based ``number`` and its text without the line break."""
+    """One physical line of a text file: 1-based ``number`` and its text without the line break.
+
+    ``problem`` is set (and ``text`` empty) only by :meth:`ArtifactStore.read_data_lines` for a line
+    that is not UTF-8.
+    """
 
     number: int
     text: str
+    problem: str | None = None
 
 
 @attrs.frozen
@@ -63,6 +69,12 @@ class ArtifactStore(Protocol):
         """Every physical line of a UTF-8 file, numbered from 1 (blank lines included)."""
         ...
 
+    def read_data_lines(self, path: Path) -> Iterator[NumberedLine]:
+        """Like :meth:`read_lines` for a dataset JSONL that is validated as a whole: a line that is not
+        UTF-8 does not stop the read, it comes back with ``text = ""`` and ``problem`` saying why, so every
+        problem of the file is reported at once (data.md §1.1). A missing file raises ArtifactError."""
+        ...
+
     def read_jsonl(self, path: Path) -> Iterator[NumberedRecord]:
         """The JSON objects of a JSONL file; blank lines are skipped but counted. A malformed line
         raises ArtifactError ``Malformed JSONL at <path>:<line>: <first 200 chars>``; a non-object
@@ -80,6 +92,33 @@ class ArtifactStore(Protocol):
 
     def sha256(self, path: Path) -> str:
         """SHA-256 hex digest of a file's bytes."""
+        ...
+
+    def make_staging_directory(self, parent: Path, *, prefix: str, suffix: str = "") -> Path:
+        """A fresh uniquely named directory in ``parent`` (created), with the umask's usual mode, to be
+        renamed into place as a whole once complete."""
+        ...
+
+
+class RunLock(Protocol):
+    """One run at a time per run directory: train, infer, evaluate and visualize hold it while they write."""
+
+    def hold(self, target: Path, entry_point: str) -> AbstractContextManager[None]:
+        """Hold the exclusive lock of ``target`` (a run directory, which need not exist yet) for the ``with``
+        block. Another live holder raises ``domain.errors.ArtifactError`` naming it (entry point, pid, host);
+        a lock whose holder died is taken over with a warning."""
+        ...
+
+
+class CheckpointStore(Protocol):
+    """Training checkpoints on disk; the completion rule is :mod:`domain.checkpoints`."""
+
+    def complete_checkpoints(self, run_dir: Path) -> list[Path]:
+        """``checkpoint-<step>`` directories of ``run_dir`` carrying the completion marker, oldest first."""
+        ...
+
+    def problems(self, folder: Path) -> list[str]:
+        """What in ``folder`` contradicts its marker (missing, truncated or changed files); empty if none."""
         ...
 
 

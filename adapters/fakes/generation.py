@@ -84,7 +84,10 @@ class ScriptedGenerationBackend:
             if token_id in self.stop_ids:
                 ids, finish = ids[: position + 1], "stop"
                 break
-        ids = ids[: decoding.max_new_tokens] if finish == "length" else ids
+        if finish == "length":
+            # no stop id: a real backend stops only at the token limit; a shorter scripted answer ended there
+            finish = "length" if len(ids) >= decoding.max_new_tokens else "stop"
+            ids = ids[: decoding.max_new_tokens]
         return Generation(
             index=request.index,
             token_ids=tuple(ids),

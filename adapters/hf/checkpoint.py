@@ -43,11 +43,14 @@ class LoadedCheckpoint:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
 
-def load_processor(path: str | os.PathLike[str]) -> Any:
-    """The checkpoint's processor (tokenizer, chat template, image processor), offline."""
+def load_processor(path: str | os.PathLike[str], *, full_checkpoint: bool = True) -> Any:
+    """The checkpoint's processor (tokenizer, chat template, image processor), offline.
+
+    ``full_checkpoint=False`` also reads the processor saved in a LoRA / DoRA adapter checkpoint (no config.json).
+    """
     from transformers import AutoProcessor
 
-    directory = _checked_dir(path)
+    directory = _checked_dir(path, full_checkpoint=full_checkpoint)
     auto: Any = AutoProcessor
     processor = auto.from_pretrained(str(directory), local_files_only=True)
     check_processor(processor, directory)
@@ -93,7 +96,10 @@ def load_model_and_processor(
     directory = _checked_dir(path)
     processor = load_processor(directory)
     tokenizer = HFTokenizer(processor.tokenizer)
-    coord_ids = tokenizer.coord_ids
+    try:
+        coord_ids = tokenizer.coord_ids
+    except CoordVocabularyError as exc:
+        raise CoordVocabularyError(f"{directory}: {exc}") from exc
 
     if attn_implementation == "auto":
         candidates = ["sdpa", "eager"]
@@ -163,10 +169,16 @@ def check_vocabulary(loaded: LoadedCheckpoint) -> None:
         )
 
 
-def _checked_dir(path: str | os.PathLike[str]) -> Path:
+def _checked_dir(path: str | os.PathLike[str], *, full_checkpoint: bool = True) -> Path:
     directory = Path(path)
     if not directory.is_dir():
         raise SetupError(f"model.path: {directory} is not a directory (a local HF checkpoint is required)")
-    if not (directory / "config.json").is_file():
+    if full_checkpoint and not (directory / "config.json").is_file():
+        if (directory / "adapter_config.json").is_file():
+            raise SetupError(
+                f"model.path: {directory} is a LoRA/DoRA adapter checkpoint (adapter_config.json, no config.json); "
+                "merge it into full weights with `python -m application.merge_adapter --config FILE` "
+                "(configs/merge_adapter/example.yaml) and use the merged directory as model.path"
+            )
         raise SetupError(f"model.path: {directory} has no config.json (not a HF checkpoint directory)")
     return directory

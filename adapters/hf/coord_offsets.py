@@ -438,6 +438,12 @@ def _stored_offsets(directory: Path) -> dict[str, torch.Tensor]:
     return found
 
 
+def stored_coord_offsets(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The offset tensors a checkpoint directory stores, by leaf name (``coord_ids``, ``embed_offset`` and,
+    untied, ``head_offset``); empty when it stores none. Installing before a load needs their layout."""
+    return _stored_offsets(Path(directory))
+
+
 def restore_coord_offsets(model: nn.Module, directory: str | os.PathLike[str]) -> CoordOffsetAdapter:
     """Load the offsets of a checkpoint directory (``*.safetensors`` keys under ``coord_offset_adapter``)
     into the installed, active adapter; the stored coord ids must equal the adapter's."""

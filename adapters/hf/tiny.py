@@ -23,13 +23,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from adapters.storage.atomic import give_umask_modes, make_staging_directory
 from domain.coord_tokens import vocabulary_additions
 from domain.errors import ConfigError
 from domain.special_tokens import QWEN_SPECIAL_TOKENS
@@ -230,7 +230,7 @@ def build_tiny_checkpoint(settings: object, cache_dir: str | os.PathLike[str]) -
     final = cache / f"tiny-qwen3vl-{fingerprint[:16]}"
     if (final / _DONE_FILE).is_file():
         return final
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+    staging = make_staging_directory(cache, prefix=f".{final.name}.")
     try:
         _write_checkpoint(tiny, staging)
         (staging / _DONE_FILE).write_text(
@@ -422,3 +422,4 @@ def _write_checkpoint(settings: TinyModelSettings, directory: Path) -> None:
     # The per-part files a real Qwen3-VL checkpoint ships, for readers that do not use processor_config.json.
     processor.image_processor.save_pretrained(directory)
     processor.video_processor.save_pretrained(directory)
+    give_umask_modes(directory)  # safetensors writes 0600

@@ -40,7 +40,13 @@ class HFTokenizer:
     def coord_ids(self) -> CoordIdTable:
         """Looked up and validated once (stage1.md §0.3): 1000 distinct known ids, all special tokens (D7)."""
         lookup = {tok: self.hf.convert_tokens_to_ids(tok) for tok in vocabulary_additions()}
-        table = CoordIdTable.from_vocab(lookup, unk_id=self.hf.unk_token_id)
+        try:
+            table = CoordIdTable.from_vocab(lookup, unk_id=self.hf.unk_token_id)
+        except CoordVocabularyError as exc:
+            raise CoordVocabularyError(
+                f"the tokenizer does not carry the coord vocabulary ({exc}); a base checkpoint must be expanded "
+                "first: `python -m application.expand_vocab --config ...` (D7), then use its output as 'model.path'"
+            ) from exc
         decoder = self.hf.added_tokens_decoder
         not_special = [
             vocabulary_additions()[1 + k]

@@ -36,6 +36,7 @@ import attrs
 
 from adapters.hf.checkpoint import load_processor
 from adapters.hf.tokenizer import HFTokenizer
+from adapters.storage.atomic import give_umask_modes
 from domain.coord_tokens import NUM_BINS, WILDCARD_TOKEN, CoordIdTable, all_coord_tokens, vocabulary_additions
 from domain.errors import ArtifactError, CoordVocabularyError, SetupError
 
@@ -470,6 +471,7 @@ def expand_checkpoint(
     document = coord_tokens_document(tokenizer)
     (out / COORD_TOKENS_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     copied = _copy_other_files(src, out)
+    give_umask_modes(out)  # safetensors writes 0600
     _verify_output(out, ids, resize.rows_after, tied, chat_template)
     return ExpansionReport(
         source=src,

@@ -27,6 +27,49 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name when it names none: a failed ``write`` or ``fsync`` (a full
+    disk) reports no path, and the error line must say which artifact could not be written (D15)."""
+    if exc.filename is not None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
+
+
+def new_file_mode(*, directory: bool = False) -> int:
+    """The mode ``open`` / ``mkdir`` would give a new file or directory under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def give_umask_modes(root: Path) -> None:
+    """Widen ``root`` and everything under it to the modes the umask gives new files and directories.
+
+    Some writers are stricter than the umask (safetensors writes 0600, ``mkdtemp`` makes 0700); a checkpoint
+    or an expanded model must be readable by whoever may read the output directory. Bits are only added.
+    """
+    file_mode, dir_mode = new_file_mode(), new_file_mode(directory=True)
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        current = path.stat().st_mode & 0o7777
+        wanted = current | (dir_mode if path.is_dir() else file_mode)
+        if wanted != current:
+            os.chmod(path, wanted)
+
+
+def make_staging_directory(parent: Path, *, prefix: str, suffix: str = "") -> Path:
+    """A fresh uniquely named directory in ``parent`` that is later renamed into place as a whole.
+
+    ``mkdtemp`` creates it 0700; it gets the umask's usual mode instead, so a checkpoint or an evaluation
+    renamed from it is readable by whoever may read the rest of the output directory.
+    """
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(staging, new_file_mode(directory=True))
+    return staging
+
+
 def write_atomically(path: Path, produce: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` by calling ``produce`` on a temporary binary file, then rename it into place."""
     path = Path(path)
@@ -39,10 +82,11 @@ def write_atomically(path: Path, produce: Callable[[BinaryIO], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         # mkstemp creates 0600; give the artifact the usual permissions of a new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise naming(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters.storage.atomic import (
+    make_staging_directory,
+    naming,
     replace_atomically,
     write_bytes_atomically,
     write_lines_atomically,
@@ -37,14 +39,26 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads_strict(text: str, *, exact_numbers: bool = False) -> Any:
-    """``json.loads`` without NaN/Infinity; with ``exact_numbers`` floats become ``Decimal``."""
-    if exact_numbers:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=Decimal)
-    return json.loads(text, parse_constant=_reject_constant)
+    """``json.loads`` without NaN/Infinity; with ``exact_numbers`` floats become ``Decimal``. A document nested
+    deeper than the decoder's recursion limit is a ``ValueError`` like any other malformed JSON."""
+    try:
+        if exact_numbers:
+            return json.loads(text, parse_constant=_reject_constant, parse_float=Decimal)
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
-def iter_physical_lines(path: Path) -> Iterator[NumberedLine]:
-    """Every physical line of a UTF-8 file, numbered from 1; ``\\n`` and a trailing ``\\r`` are removed."""
+def not_utf8_reason(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def iter_physical_lines(path: Path, *, report_encoding: bool = False) -> Iterator[NumberedLine]:
+    """Every physical line of a UTF-8 file, numbered from 1; ``\\n`` and a trailing ``\\r`` are removed.
+
+    A line that is not UTF-8 raises ArtifactError, or with ``report_encoding`` comes back as
+    ``NumberedLine(number, "", problem)`` so that the reader goes on.
+    """
     if not Path(path).is_file():
         raise ArtifactError(f"artifact not found: {path}")
     with open(path, "rb") as handle:
@@ -55,9 +69,10 @@ def iter_physical_lines(path: Path) -> Iterator[NumberedLine]:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ArtifactError(
-                    f"Malformed JSONL at {path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})"
-                ) from None
+                if report_encoding:
+                    yield NumberedLine(number, "", not_utf8_reason(exc))
+                    continue
+                raise ArtifactError(f"Malformed JSONL at {path}:{number}: {not_utf8_reason(exc)}") from None
             yield NumberedLine(number, text)
 
 
@@ -99,6 +114,9 @@ class FileArtifactStore:
     def write_text(self, path: Path, text: str) -> None:
         write_text_atomically(path, text)
 
+    def make_staging_directory(self, parent: Path, *, prefix: str, suffix: str = "") -> Path:
+        return make_staging_directory(parent, prefix=prefix, suffix=suffix)
+
     def write_bytes(self, path: Path, data: bytes) -> None:
         write_bytes_atomically(path, data)
 
@@ -111,13 +129,19 @@ class FileArtifactStore:
     def append_lines(self, path: Path, lines: Iterable[str]) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as handle:
-            handle.writelines(line.encode("utf-8") + b"\n" for line in lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(path, "ab") as handle:
+                handle.writelines(line.encode("utf-8") + b"\n" for line in lines)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise naming(exc, path) from exc
 
     def read_lines(self, path: Path) -> Iterator[NumberedLine]:
         return iter_physical_lines(path)
+
+    def read_data_lines(self, path: Path) -> Iterator[NumberedLine]:
+        return iter_physical_lines(path, report_encoding=True)
 
     def read_jsonl(self, path: Path) -> Iterator[NumberedRecord]:
         return iter_jsonl_records(path)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from adapters.storage.atomic import write_lines_atomically
+from adapters.storage.atomic import naming, write_lines_atomically
 from domain.errors import ArtifactError
 from ports.metrics import MetricValue
 
@@ -25,21 +26,31 @@ class JsonlMetricSink:
     def _truncate_after(self, step: int) -> None:
         """On resume from step ``s``: keep only the lines with ``global_step <= s`` (atomic rewrite)."""
         kept: list[str] = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 event = json.loads(line)
             except json.JSONDecodeError as exc:
+                if number == len(lines) and not text.endswith("\n"):
+                    # the last line was torn by a kill mid-write: it belongs to the abandoned trajectory
+                    warnings.warn(f"{self.path}:{number}: dropped a torn last log line: {line[:200]}",
+                                  RuntimeWarning, stacklevel=2)  # fmt: skip
+                    continue
                 raise ArtifactError(f"{self.path}:{number}: malformed log line: {line[:200]}") from exc
             if int(event.get("global_step", 0)) <= step:
                 kept.append(line)
         write_lines_atomically(self.path, kept)
 
     def log(self, event: Mapping[str, MetricValue]) -> None:
-        self._handle.write(json.dumps(dict(event), ensure_ascii=False, sort_keys=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            self._handle.write(json.dumps(dict(event), ensure_ascii=False, sort_keys=False) + "\n")
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:  # a full disk reports no path: name the log
+            raise naming(exc, self.path) from exc
 
     def close(self) -> None:
         if not self._handle.closed:

@@ -36,7 +36,9 @@ from adapters.hf.coord_offsets import (
 )
 from adapters.hf.encoding import HFSampleEncoder
 from adapters.hf.tokenizer import HFTokenizer
+from adapters.storage.atomic import give_umask_modes
 from adapters.storage.atomic import write_text_atomically as atomic_write_text
+from adapters.storage.checkpoints import complete_checkpoints, write_completion_marker
 from adapters.torch.collator import (
     ProjectCollator,
     TargetTokenTyper,
@@ -89,7 +91,6 @@ from ports.metrics import MetricSink
 from ports.tokenizer import ChatSample, SampleOrigin
 from ports.training import TrainingJob, TrainingOutcome
 
-COMPLETE_MARKER = "checkpoint_complete.json"
 PLAN_CACHE_FILE = "pack_plan_cache.json"
 PLAN_REPORT_FILE = "pack_plan.json"
 BOOKKEEPING_KEYS = ("global_step", "max_steps", "epoch", "time", "elapsed_s")
@@ -869,26 +870,14 @@ class Stage1Runtime:
         self.sink.log(event)
 
     def complete_checkpoint(self, folder: Path, state: Any) -> None:
-        import datetime as _dt
-
         self.processor.save_pretrained(str(folder))
         table = {tok: int(i) for tok, i in zip(vocabulary_additions()[1:], self.coord_table.ids)}
         if self.coord_table.wildcard_id is not None:
             table = {vocabulary_additions()[0]: int(self.coord_table.wildcard_id), **table}
         atomic_write_text(folder / "coord_tokens.json", json.dumps(table, indent=2) + "\n")
         atomic_write_text(folder / "resolved_config.json", self.resolved_config_path.read_text())
-        files = [
-            {"name": name, "bytes": (folder / name).stat().st_size}
-            for name in sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-        ]
-        marker = {
-            "schema_version": 1,
-            "global_step": int(state.global_step),
-            "epoch": float(state.epoch or 0.0),
-            "written_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "files": files,
-        }
-        atomic_write_text(folder / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
+        give_umask_modes(folder)  # the trainer's safetensors files are 0600; a team reads checkpoints too
+        write_completion_marker(folder, global_step=int(state.global_step), epoch=float(state.epoch or 0.0))
         self.rotate(folder.parent, getattr(state, "best_model_checkpoint", None))
 
     def rotate(self, run_dir: Path, best: str | None) -> list[Path]:
@@ -925,43 +914,52 @@ def warn_once(message: str) -> None:
 # Engine
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories that carry the completion marker, oldest first (others are ignored)."""
-    found = [p for p in run_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def _torch_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def model_part(name: str) -> str:
+    """The part a parameter or module name belongs to: ``vit``, ``aligner`` (any ``merger``) or ``llm``."""
+    is_visual = ".visual." in f".{name}" or name.startswith("visual.")
+    if not is_visual:
+        return "llm"
+    return "aligner" if "merger" in name else "vit"
+
+
+def frozen_parts(training: Any) -> frozenset[str]:
+    """``training.freeze_vit`` / ``freeze_aligner`` / ``freeze_llm`` as the set of parts that must not change."""
+    flags = {"vit": training.freeze_vit, "aligner": training.freeze_aligner, "llm": training.freeze_llm}
+    return frozenset(part for part, frozen in flags.items() if frozen)
+
+
 def _freeze(model: Any, training: Any) -> None:
     """Full fine-tuning knobs: freeze the vision tower / aligner / language model as configured."""
+    frozen = frozen_parts(training)
     for name, param in model.named_parameters():
-        is_visual = ".visual." in f".{name}" or name.startswith("visual.")
-        is_aligner = is_visual and ("merger" in name)
-        if is_aligner:
-            param.requires_grad_(not training.freeze_aligner)
-        elif is_visual:
-            param.requires_grad_(not training.freeze_vit)
-        else:
-            param.requires_grad_(not training.freeze_llm)
+        param.requires_grad_(model_part(name) not in frozen)
 
 
-def apply_lora(model: Any, lora: Any, *, coord_offsets: bool = False) -> Any:
+def apply_lora(model: Any, lora: Any, *, coord_offsets: bool = False, frozen: frozenset[str] = frozenset()) -> Any:
     """``training.lora``: LoRA / DoRA adapters through peft (what ms-swift's tuners use); base weights frozen.
 
+    No adapter goes on a module of a ``frozen`` part (``freeze_vit`` / ``freeze_aligner`` / ``freeze_llm``):
+    they are listed in peft's ``exclude_modules``, so a frozen part stays bit-identical after a merge.
     With coord offsets the adapter module is saved with the LoRA weights (``modules_to_save``) and its hooks
     are re-attached to the active copy after wrapping (stage1.md §7.1).
     """
     from peft import LoraConfig, get_peft_model
 
     targets = list(lora.target_modules)
+    excluded = sorted(
+        name for name, module in model.named_modules()
+        if name and model_part(name) in frozen and isinstance(module, torch.nn.Linear)
+    )  # fmt: skip
     peft_config = LoraConfig(
         r=int(lora.rank),
         lora_alpha=int(lora.alpha),
         lora_dropout=float(lora.dropout),
         target_modules="all-linear" if targets == ["all-linear"] else targets,
+        exclude_modules=excluded or None,
         use_dora=bool(lora.use_dora),
         modules_to_save=(list(lora.modules_to_save) + (["coord_offset_adapter"] if coord_offsets else [])) or None,
         task_type="CAUSAL_LM",
@@ -985,8 +983,7 @@ def optimizer_groups(model: Any, training: Any) -> list[dict[str, Any]]:
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        is_visual = ".visual." in f".{name}" or name.startswith("visual.")
-        part = ("aligner" if "merger" in name else "vit") if is_visual else "llm"
+        part = model_part(name)
         no_decay = param.dim() < 2 or name.endswith(".bias") or "norm" in name.lower()
         groups.setdefault((part, no_decay), []).append(param)
     out = []
@@ -1026,10 +1023,13 @@ class SwiftStage1Engine:
         _offline_env()
         from swift import Seq2SeqTrainingArguments, get_model_processor, get_template
 
+        from adapters.swift.console import SWIFT_LOG_FILENAME, route_swift_logs
+
         config = job.config
         training = config.training
         torch.manual_seed(int(config.run.seed))
         rank = int(os.environ.get("RANK", "0"))
+        route_swift_logs(job.run_dir / SWIFT_LOG_FILENAME if rank == 0 else None)
         # The trainer's arguments create the process group under a launcher; a group made by our caller stays.
         group_was_ours = not _distributed_ready()
 
@@ -1093,7 +1093,8 @@ class SwiftStage1Engine:
         if training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if training.lora.enabled:
-            model = apply_lora(model, training.lora, coord_offsets=training.coord_offset.enabled)
+            model = apply_lora(model, training.lora, coord_offsets=training.coord_offset.enabled,
+                               frozen=frozen_parts(training))
 
         c = config.objective.coord_soft_ce_w1
         settings = CoordLossSettings(

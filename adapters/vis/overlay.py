@@ -171,3 +171,10 @@ class PillowImageRenderer:
         from adapters.vis.plots import drop_counts_png
 
         return drop_counts_png(counts, title)
+
+    def frequency_ap_png(
+        self, groups: Sequence[tuple[str, Sequence[tuple[str, float]]]], title: str
+    ) -> bytes:
+        from adapters.vis.plots import frequency_ap_png
+
+        return frequency_ap_png(groups, title)

@@ -110,3 +110,37 @@ def drop_counts_png(counts: Sequence[tuple[str, int]], title: str) -> bytes:
     if top == 0:
         axes.text(0.5, 0.5, "no drops", ha="center", va="center", transform=axes.transAxes)
     return _png(figure)
+
+
+SERIES_COLORS = ("#1f77b4", "#2ca02c", "#9467bd")
+
+
+def frequency_ap_png(groups: Sequence[tuple[str, Sequence[tuple[str, float]]]], title: str) -> bytes:
+    """LVIS AP per frequency group (rare / common / frequent), one bar per series (bbox, segm) in each
+    group, values written above the bars; LVIS's -1 (no category in the group) is written ``n/a``."""
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    series = list(dict.fromkeys(name for _, rows in groups for name, _ in rows))
+    width = 0.8 / max(1, len(series))
+    for s_index, name in enumerate(series):
+        xs, heights = [], []
+        for g_index, (_, rows) in enumerate(groups):
+            value = dict(rows).get(name)
+            if value is None:
+                continue
+            x = g_index - 0.4 + width * (s_index + 0.5)
+            defined = float(value) >= 0
+            xs.append(x)
+            heights.append(float(value) if defined else 0.0)
+            axes.text(x, (float(value) if defined else 0.0) + 0.01, f"{value:.3f}" if defined else "n/a",
+                      ha="center", va="bottom", fontsize=8)  # fmt: skip
+        axes.bar(xs, heights, width=width, label=name, color=SERIES_COLORS[s_index % len(SERIES_COLORS)])
+    axes.set_xticks(list(range(len(groups))), labels=[label for label, _ in groups])
+    axes.set_ylim(0.0, 1.1)
+    axes.set_ylabel("AP (IoU 0.50:0.95, 300 detections per image)")
+    axes.set_title(title)
+    if series:
+        axes.legend(loc="upper left")
+    else:
+        axes.text(0.5, 0.5, "no LVIS metrics", ha="center", va="center", transform=axes.transAxes)
+    return _png(figure)

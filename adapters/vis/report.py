@@ -18,6 +18,11 @@ STYLE = (
     "td.v{text-align:right;font-family:monospace}"
     "img{max-width:100%;border:1px solid #ddd}"
     ".note{color:#666}"
+    ".summary{background:#fff4e0;border:1px solid #e0b060;padding:0.5em 1em}"
+    ".thumbs{display:flex;flex-wrap:wrap;gap:12px}"
+    ".thumbs figure{margin:0;width:260px}"
+    ".thumbs img{width:256px}"
+    ".thumbs figcaption{font-size:0.85em;color:#444}"
 )
 
 
@@ -41,6 +46,17 @@ def _figure(figure: ReportFigure) -> str:
     return "\n".join(parts)
 
 
+def _thumbnails(thumbnails: Sequence[tuple[str, str]]) -> str:
+    items = []
+    for image, caption in thumbnails:
+        src = html.escape(image, quote=True)
+        items.append(
+            f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(caption, quote=True)}"></a>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return '<div class="thumbs">' + "".join(items) + "</div>"
+
+
 def report_html(page: ReportPage) -> str:
     """The page: title, notes, key metrics, counters, then one section per figure."""
     title = html.escape(page.title)
@@ -50,11 +66,20 @@ def report_html(page: ReportPage) -> str:
         f"<title>{title}</title><style>{STYLE}</style></head><body>",
         f"<h1>{title}</h1>",
     ]
+    if page.summary:
+        sections.append(f'<p class="summary">{html.escape(page.summary)}</p>')
     sections += [f'<p class="note">{html.escape(note)}</p>' for note in page.notes]
     if page.metrics:
         sections += ["<h2>Key metrics</h2>", _table(page.metrics, ("metric", "value"))]
     if page.counters:
         sections += ["<h2>Counters</h2>", _table(page.counters, ("counter", "value"))]
+    if page.thumbnails:
+        sections += [
+            "<h2>Overlays</h2>",
+            '<p class="note">Ground truth in green with its description above; predictions in red with '
+            "their score. Click an image for full size.</p>",
+            _thumbnails(page.thumbnails),
+        ]
     sections += [_figure(f) for f in page.figures]
     sections.append("</body></html>")
     return "\n".join(sections) + "\n"

@@ -1,6 +1,6 @@
 """vLLM's offline engine (``LLM(...).chat``) as a :class:`ports.generation.GenerationBackend` (§2.6, D11).
 
-One engine per run: ``model.path``, ``trust_remote_code``, ``seed = run.seed``, dtype, the
+One engine per run: ``model.path``, ``infer.vllm.trust_remote_code``, ``seed = run.seed``, dtype, the
 ``infer.vllm.launch.*`` knobs the offline engine supports, one image per prompt, raw log-probs, the
 image processor's resize made a no-op, worker start method ``spawn``. Per request
 ``SamplingParams(temperature, top_p, max_tokens, repetition_penalty, seed = run.seed + index,
@@ -28,12 +28,22 @@ def vllm_importable() -> bool:
 
 
 def engine_kwargs(
-    *, model_path: str, dtype: str, seed: int, launch: Any, image_root: str, max_pixels: int
+    *,
+    model_path: str,
+    dtype: str,
+    seed: int,
+    launch: Any,
+    image_root: str,
+    max_pixels: int,
+    trust_remote_code: bool,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` (data parallelism is a server feature and is not passed)."""
+    """Keyword arguments of ``vllm.LLM`` (data parallelism is a server feature and is not passed).
+
+    ``trust_remote_code`` is ``infer.vllm.trust_remote_code``: code inside a checkpoint runs only when asked.
+    """
     kwargs: dict[str, Any] = {
         "model": str(model_path),
-        "trust_remote_code": True,
+        "trust_remote_code": bool(trust_remote_code),
         "seed": int(seed),
         "dtype": dtype,
         "tensor_parallel_size": int(launch.tensor_parallel_size),

@@ -199,16 +199,17 @@ def vllm_server_argv(
     served_model_name: str,
     launch: Any,
     max_pixels: int,
+    trust_remote_code: bool,
     python: str = sys.executable,
 ) -> list[str]:
-    """The OpenAI server command for ``model.path`` with the ``infer.vllm.launch.*`` flags (raw log-probs)."""
+    """The OpenAI server command for ``model.path`` with the ``infer.vllm.launch.*`` flags (raw log-probs);
+    ``--trust-remote-code`` only with ``infer.vllm.trust_remote_code: true``."""
     parts = urlsplit(normalize_base_url(base_url))
     argv = [
         python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path),
         "--host", parts.hostname or "127.0.0.1",
         "--port", str(parts.port or 8000),
-        "--trust-remote-code",
         "--dtype", dtype,
         "--served-model-name", served_model_name,
         "--tensor-parallel-size", str(launch.tensor_parallel_size),
@@ -228,6 +229,8 @@ def vllm_server_argv(
             argv += [flag, str(value)]
     if launch.enforce_eager:
         argv.append("--enforce-eager")
+    if trust_remote_code:
+        argv.append("--trust-remote-code")
     return argv
 
 

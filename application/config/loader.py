@@ -37,7 +37,8 @@ from application.config.migrations import find_migration, normalize_path
 from domain.errors import ConfigError
 
 EntryPoint = Literal[
-    "train", "infer", "evaluate", "visualize", "prepare_data", "expand_vocab", "stage2_server_launch"
+    "train", "infer", "evaluate", "visualize", "prepare_data", "expand_vocab", "merge_adapter",
+    "stage2_server_launch",
 ]
 ENTRY_POINTS: tuple[str, ...] = typing.get_args(EntryPoint)
 
@@ -229,6 +230,9 @@ def _resolve_layer(file: Path, stack: tuple[Path, ...], referenced_from: Path | 
         raise ConfigError(
             f"Cyclic config inheritance detected at: {file} (chain: {_display_chain([*stack, file])})"
         )
+    if file.is_dir():
+        what = "config file" if referenced_from is None else f"extends target (referenced from {referenced_from})"
+        raise ConfigError(f"{what} {file} is a directory, not a YAML file; give the path of the config file in it")
     if not file.is_file():
         if referenced_from is None:
             raise ConfigError(f"config file not found: {file}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ SECRET_KEYS = frozenset({"access_token", "hf_token", "huggingface_token", "token
 SECRET_SUFFIXES = ("_token", "_password", "_secret", "_api_key")
 
 RESOLVED_KINDS = frozenset(
-    {"train", "infer_pipeline", "evaluate", "visualize", "prepare_data", "expand_vocab", "stage2_server_launch"}
+    {"train", "infer_pipeline", "evaluate", "visualize", "prepare_data", "expand_vocab", "merge_adapter",
+     "stage2_server_launch"}
 )
 IMAGE_ROOT_SOURCES = frozenset({"config", "val_jsonl_dir", "producer", "artifact_dir"})
 
@@ -85,18 +84,11 @@ def redact(obj: Any) -> Any:
 
 def write_json_atomic(path: Path, document: Any) -> None:
     """Write JSON (indent 2, ``ensure_ascii=False``, trailing newline) via a temp file, fsync and rename."""
+    from application import wiring  # not at import time: wiring imports this package
+
     text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # the one atomic writer: temp file, fsync, rename, and the umask's mode rather than mkstemp's 0600
+    wiring.make_artifact_store().write_text(Path(path), text)
 
 
 def resolved_document(

@@ -91,8 +91,10 @@ def setting(
 
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"
-BASE_URL_PATTERN = r"^https?://[^/:\s]+:[0-9]{1,5}(/v1)?/?$"
-SERVER_URL_PATTERN = r"^https?://[^/:\s]+:[0-9]{1,5}/?$"
+# Hosts never carry user info (``user:password@``): stage2.md §16.3.2 refuses credentials in a URL.
+BASE_URL_PATTERN = r"^https?://[^/:@\s]+:[0-9]{1,5}(/v1)?/?$"
+SERVER_URL_PATTERN = r"^https?://[^/:@\s]+:[0-9]{1,5}/?$"
+URL_PATTERNS = frozenset({BASE_URL_PATTERN, SERVER_URL_PATTERN})
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 AttnImplementation = Literal["auto", "flash_attention_2", "sdpa", "eager"]
@@ -550,6 +552,7 @@ class VllmServerConfig:
     servers: tuple[RolloutServerEntry, ...] = ()
     timeout_s: float = setting(240.0, gt=0)
     infer_timeout_s: float | None = None  # null or <= 0: no HTTP timeout on /infer/
+    api_key_env: str | None = setting(None, nonempty=True)  # the variable holding the bearer key (§16.3.2)
     debug_dump: ServerDebugDumpConfig = attrs.field(factory=ServerDebugDumpConfig)
     launch: ServerLaunchConfig = attrs.field(factory=ServerLaunchConfig)
 
@@ -661,6 +664,8 @@ class InferVllmConfig:
     preflight_timeout_s: float = setting(3.0, gt=0)
     client_concurrency: int | None = setting(None, ge=1)  # null: generation.batch_size
     auto_launch: bool = True
+    # Run Python shipped inside model.path (vLLM's trust_remote_code / --trust-remote-code); off unless asked.
+    trust_remote_code: bool = False
     launch: InferVllmLaunchConfig = attrs.field(factory=InferVllmLaunchConfig)
 
 
@@ -689,6 +694,9 @@ class EvalConfig:
     metrics: Literal["coco", "f1ish", "both"] = "both"
     output_dir: Path | None = None  # null: <run_dir>/eval
     coco_backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
+    # lvis: federated AP (APr/APc/APf, AR@300) against an LVIS-format eval.coco_gt_json (docs/evaluation.md)
+    dataset_style: Literal["coco", "lvis"] = "coco"
+    lvis_backend: Literal["faster_coco_eval", "lvis"] = "faster_coco_eval"
     coco_gt_json: Path | None = None
     coco_results_json: Path | None = None
     use_segm: bool = True

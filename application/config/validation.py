@@ -74,6 +74,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _has_user_info(url: str) -> bool:
+    """Whether the authority of ``url`` (between ``//`` and the next ``/``, ``?`` or ``#``) holds an ``@``."""
+    authority = url.partition("//")[2]
+    for stop in "/?#":
+        authority = authority.partition(stop)[0]
+    return "@" in authority
+
+
 def _check_metadata(obj: Any, prefix: str, out: _Problems) -> None:
     for field in attrs.fields(type(obj)):
         value = getattr(obj, field.name)
@@ -89,7 +97,14 @@ def _check_metadata(obj: Any, prefix: str, out: _Problems) -> None:
                 if _number(item) and not item_bound.holds(item):
                     out.add(f"{path}[{index}]", f"must be {item_bound.describe()}, got {item!r}")
         pattern = field.metadata.get(schema.PATTERN_KEY)
-        if pattern is not None and isinstance(value, str) and not pattern.match(value):
+        if pattern is not None and isinstance(value, str) and pattern.pattern in schema.URL_PATTERNS and _has_user_info(value):
+            # The value is not echoed: it may hold a password, and error text ends up in logs.
+            out.add(
+                path,
+                "carries user info ('user:password@' before the host), which is refused (stage2.md §16.3.2): "
+                "write the URL as http(s)://host:port and keep credentials out of the config",
+            )
+        elif pattern is not None and isinstance(value, str) and not pattern.match(value):
             meaning = _PATTERN_MEANINGS.get(pattern.pattern, f"matching {pattern.pattern}")
             out.add(path, f"must be {meaning}, got {value!r}")
         if field.metadata.get(schema.NONEMPTY_KEY):
@@ -181,6 +196,12 @@ def _training_rules(cfg: schema.CoordExpConfig, out: _Problems) -> None:
         )
     if training.save_strategy == "best" and training.metric_for_best_model is None:
         out.add("training.metric_for_best_model", "is required with 'training.save_strategy: best'")
+    if training.lora.enabled and training.freeze_vit and training.freeze_aligner and training.freeze_llm:
+        out.add(
+            "training.lora.enabled",
+            "is true but 'training.freeze_vit', 'training.freeze_aligner' and 'training.freeze_llm' are all true: "
+            "LoRA never targets a frozen part, so nothing would be adapted; unfreeze a part or disable LoRA",
+        )
 
 
 def _objective_rules(cfg: schema.CoordExpConfig, out: _Problems) -> None:
@@ -457,7 +478,7 @@ def _entry_point_rules(cfg: schema.CoordExpConfig, entry_point: EntryPoint, out:
         _require_run(cfg, entry_point, out)
     if entry_point == "prepare_data" and cfg.data.convert is None:
         out.add("data.convert", "block is required by application.prepare_data (data.md §9.2)")
-    if entry_point == "expand_vocab":
+    if entry_point in ("expand_vocab", "merge_adapter"):
         _require_run(cfg, entry_point, out)
         _require_model(cfg, entry_point, out)
 
@@ -631,7 +652,7 @@ def check_local_paths(cfg: schema.CoordExpConfig, entry_point: EntryPoint, *, ro
     if entry_point == "prepare_data" and data.convert is not None:
         need("data.convert.annotations", data.convert.annotations, "file")
         need("data.convert.image_root", data.convert.image_root, "dir")
-    if entry_point == "expand_vocab":
+    if entry_point in ("expand_vocab", "merge_adapter"):
         need("model.path", model_path, "dir")
     if problems:
         raise ConfigError(problems)

@@ -314,7 +314,7 @@ def test_launch_argv_asks_for_raw_logprobs_and_the_configured_knobs() -> None:
     )  # fmt: skip
     argv = vllm_server_argv(
         model_path="ckpt", base_url=None, dtype="bfloat16", served_model_name="ckpt", launch=launch,
-        max_pixels=786432, python="py",
+        max_pixels=786432, trust_remote_code=True, python="py",
     )  # fmt: skip
     assert argv[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
     pairs = dict(itertools.pairwise(argv[3:]))
@@ -381,7 +381,7 @@ LAUNCH = types.SimpleNamespace(
 
 def test_local_engine_call_shapes(fake_vllm: Any, image: Path) -> None:
     kwargs = engine_kwargs(model_path="ckpt", dtype="bfloat16", seed=17, launch=LAUNCH, image_root="/data",
-                           max_pixels=786432)  # fmt: skip
+                           max_pixels=786432, trust_remote_code=True)  # fmt: skip
     backend = VllmLocalBackend(kwargs, end_of_turn=END_OF_TURN)
     (llm,) = _FakeLLM.instances
     assert llm.kwargs["seed"] == 17 and llm.kwargs["trust_remote_code"] is True
@@ -405,7 +405,7 @@ def test_local_engine_call_shapes(fake_vllm: Any, image: Path) -> None:
 
 def test_local_engine_checks_the_first_prompt_length(fake_vllm: Any, image: Path) -> None:
     kwargs = engine_kwargs(model_path="ckpt", dtype="bfloat16", seed=17, launch=LAUNCH, image_root="/data",
-                           max_pixels=786432)  # fmt: skip
+                           max_pixels=786432, trust_remote_code=True)  # fmt: skip
     VllmLocalBackend(kwargs, end_of_turn=END_OF_TURN, expected_prompt_tokens=lambda r: 3).generate(
         [req(image)], DECODING
     )
@@ -429,7 +429,8 @@ def test_real_vllm_accepts_our_arguments() -> None:
     assert params.skip_special_tokens is False
     accepted = set(inspect.signature(vllm.EngineArgs).parameters)
     kwargs = engine_kwargs(
-        model_path="m", dtype="bfloat16", seed=1, launch=LAUNCH, image_root="/", max_pixels=1024
+        model_path="m", dtype="bfloat16", seed=1, launch=LAUNCH, image_root="/", max_pixels=1024,
+        trust_remote_code=False,
     )
     assert set(kwargs) - {"model"} <= accepted
     assert math.isfinite(params.top_p)

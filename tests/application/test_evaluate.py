@@ -218,6 +218,25 @@ def test_36_backends_give_the_same_numbers(tmp_path: Path, records: list[dict[st
         assert (x == y == "nan") or abs(float(x) - float(y)) <= 1e-9
 
 
+def test_duplicate_monitor_counts_spammed_boxes(tmp_path: Path) -> None:
+    # stage2.md §18.7 in metrics.json: image 0 spams one cat box four times (one copy a pixel off, one
+    # with another case), image 1 has a cat and a dog on the same box (no duplicate: other desc).
+    cat = [0, 0, 100, 100]
+    records = [
+        rec(0, [obj("bbox_2d", cat, "cat")], [
+            obj("bbox_2d", cat, "cat", 0.9), obj("bbox_2d", cat, "Cat", 0.8),
+            obj("bbox_2d", [1, 0, 100, 100], "cat", 0.7), obj("bbox_2d", cat, "cat", 0.6),
+        ]),
+        rec(1, [obj("bbox_2d", cat, "dog")], [obj("bbox_2d", cat, "cat", 0.9), obj("bbox_2d", cat, "dog", 0.8)]),
+    ]  # fmt: skip
+    summary, out = run(tmp_path, records, metrics="f1ish")
+    m = summary.metrics
+    assert m["dup/raw/pairs"] == pytest.approx((6 + 0) / 2)  # 4 boxes in one cluster: 6 pairs
+    assert m["dup/raw/max_cluster_size"] == pytest.approx((4 + 1) / 2)
+    assert m["dup/raw/excess_object_frac"] == pytest.approx(3 / 6)
+    assert read_json(out / "metrics.json")["metrics"]["dup/raw/pairs"] == pytest.approx(3.0)
+
+
 # --- 37, 38, 39 -----------------------------------------------------------------------------------
 
 
@@ -346,6 +365,29 @@ def test_41_official_gt_join_and_scaling(tmp_path: Path) -> None:
     bad = [*records, rec(2, [], [], image="nowhere.jpg")]
     with pytest.raises(DataContractError, match=r"gt_vs_pred.jsonl:3: image: no image in"):
         run(tmp_path, bad, coco_gt_json=gt_path)
+
+
+def test_41_official_gt_scaling_is_per_axis(tmp_path: Path) -> None:
+    """A real COCO image is resized non-uniformly (640x427 stored as 640x416): x scales by 1, y by 427/416.
+    A uniform-scale test cannot tell the two factors apart (issue 11, surviving mutant of _run_coco)."""
+    sy = 427 / 416
+    official = {
+        "images": [{"id": 7, "file_name": "000000000007.jpg", "width": 640, "height": 427}],
+        "categories": [{"id": 5, "name": "cat"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 5, "bbox": [10, 20 * sy, 100, 100 * sy],
+             "area": 100 * 100 * sy, "iscrowd": 0},
+        ],
+    }  # fmt: skip
+    gt_path = tmp_path / "official.json"
+    gt_path.write_text(json.dumps(official))
+    box = obj("bbox_2d", [10, 20, 110, 120], "cat", 0.9)
+    records = [rec(0, [box], [box], w=640, h=416, image="val/000000000007.jpg")]
+    summary, out = run(tmp_path, records, coco_gt_json=gt_path)
+    (pred,) = read_json(out / "coco_preds.json")
+    assert pred["image_id"] == 7
+    assert pred["bbox"] == pytest.approx([10.0, 20 * sy, 100.0, 100 * sy], rel=1e-12)
+    assert summary.metrics["bbox_AP"] == pytest.approx(1.0)
 
 
 def test_42_mapping_rules_with_a_fake_encoder(tmp_path: Path) -> None:
@@ -584,8 +626,10 @@ def test_entry_point_with_a_config_file(tmp_path: Path, capsys: pytest.CaptureFi
     config.write_text(
         f"infer:\n  gt_vs_pred_jsonl: {artifact}\neval:\n  output_dir: {tmp_path / 'o2'}\n  iou_thrs: [0.6, 0.7]\n"
     )
-    with pytest.raises(ConfigError, match="iou_thrs"):
-        main(["--config", str(config)])
+    capsys.readouterr()
+    assert main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "iou_thrs" in err and "Traceback" not in err
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), "--out", "x"])
     assert exit_info.value.code == 2

@@ -172,6 +172,26 @@ def test_15_micro_batches_and_artifact_order(tmp_path: Path) -> None:
     assert recorder.backends[0].closed
 
 
+def test_summary_counts_spammed_duplicate_boxes(tmp_path: Path) -> None:
+    # stage2.md §18.7 in the inference summary: image 0 repeats one cat box three times (plus a dog on
+    # the same box, which is no duplicate: another desc); image 1 answers one box.
+    def script(r: Any) -> str:
+        if r.index != 0:
+            return answer(r.index)
+        box = f"[{c(100)}, {c(100)}, {c(500)}, {c(600)}]"
+        records = [f'{{"desc": "{d}", "bbox_2d": {box}}}' for d in ("cat", "Cat", "cat", "dog")]
+        return '{"objects": [' + ", ".join(records) + "]}<|im_end|>"
+
+    config = write_config(tmp_path, write_dataset(tmp_path, 2))
+    outcome = run(config, Recorder(script))
+    dup = json.loads(outcome.paths.summary.read_text())["duplicates"]
+    assert dup == {
+        "iou_threshold": 0.7, "samples": 2, "samples_with_duplicates": 1, "valid_objects": 5, "pairs": 3,
+        "excess_objects": 2, "max_cluster_size": 3, "pairs_mean": 1.5, "max_cluster_size_mean": 2.0,
+        "excess_object_frac": 0.4,
+    }  # fmt: skip
+
+
 def test_summary_is_recomputed_from_the_artifact(tmp_path: Path) -> None:
     def script(r: Any) -> str:
         return "no json" if r.index == 1 else answer(r.index)
@@ -182,7 +202,8 @@ def test_summary_is_recomputed_from_the_artifact(tmp_path: Path) -> None:
     summary = json.loads(outcome.paths.summary.read_text())
     assert list(summary) == [
         "schema_version", "kind", "records_total", "records_written", "determinism", "counters", "error_codes",
-        "backend", "generation", "prompt", "data", "score_mode", "resumed_from_index", "infer_fingerprint",
+        "duplicates", "backend", "generation", "prompt", "data", "score_mode", "resumed_from_index",
+        "infer_fingerprint",
     ]  # fmt: skip
     assert (summary["records_total"], summary["records_written"], summary["determinism"]) == (3, 3, "strict")
     assert summary["counters"]["parse_failed"] == summary["counters"]["empty_pred"] == 1
@@ -426,7 +447,8 @@ def test_34_resolved_config_and_run_metadata(tmp_path: Path) -> None:
     metadata = json.loads((outcome.run_dir / "run_metadata.json").read_text())
     assert metadata["kind"] == "infer_pipeline" and metadata["finished_at"] is not None
     assert metadata["inference"] == {"backend": "hf", "attn_implementation_selected": "sdpa",
-                                     "vllm_launch_argv": None, "infer_fingerprint": summary["infer_fingerprint"]}  # fmt: skip
+                                     "vllm_launch_argv": None, "trust_remote_code": False,
+                                     "infer_fingerprint": summary["infer_fingerprint"]}  # fmt: skip
     assert metadata["artifacts"]["gt_vs_pred"] == "gt_vs_pred.jsonl"
 
 
@@ -580,7 +602,9 @@ def test_15_end_to_end_infer_eval_vis_on_the_tiny_model(
     spy: list[int] = []
     config = tiny_config(tmp_path, shapes3_val, tiny_checkpoint, "e2e",
                          stages={"infer": True, "eval": True, "vis": True})  # fmt: skip
-    outcome = run_pipeline(load_config(config, entry_point="infer"), real_deps(spy=spy))
+    printed: list[str] = []
+    outcome = run_pipeline(load_config(config, entry_point="infer"), attrs.evolve(real_deps(spy=spy),
+                                                                                  echo=printed.append))
     assert spy == [2, 1]  # one padded generate per micro-batch
     rows = lines_of(outcome.paths.artifact)
     assert [r["index"] for r in rows] == [0, 1, 2]
@@ -591,6 +615,16 @@ def test_15_end_to_end_infer_eval_vis_on_the_tiny_model(
     summary = json.loads(outcome.paths.summary.read_text())
     assert summary["backend"]["attn_implementation_selected"] == "sdpa"
     assert summary["records_written"] == 3
+    # a generation cut at max_new_tokens without <|im_end|> counts as truncated
+    cut = sum(1 for r in rows if r["num_generated_tokens"] == 12 and not r["raw_ends_with_im_end"])
+    assert cut > 0 and summary["counters"]["truncated"] == cut
+    assert all(("truncated" in r["errors"]) == (r["num_generated_tokens"] == 12 and not r["raw_ends_with_im_end"])
+               for r in rows)  # fmt: skip
+    # the headline numbers and the report's path are printed at the end
+    headline = [m for m in printed if m.startswith("Headline: bbox AP ")]
+    assert len(headline) == 1 and "| AP50 " in headline[0] and "| F1@0.50 " in headline[0]
+    assert any(m.startswith("Parse drops: ") and f"{cut} truncated" in m for m in printed)
+    assert f"Report: {outcome.run_dir / 'vis' / 'report.html'}" in printed
     metrics = json.loads((outcome.run_dir / "eval" / "metrics.json").read_text())
     assert "bbox_AP" in metrics["metrics"]
     vis = json.loads((outcome.run_dir / "vis" / "vis_summary.json").read_text())

@@ -31,7 +31,7 @@ from application.visualize import (
     read_artifact,
     run_vis_stage,
 )
-from domain.errors import ArtifactError, ConfigError, DataContractError
+from domain.errors import ArtifactError, DataContractError
 
 REPO = Path(__file__).resolve().parents[2]
 GREEN = (0x2C, 0xA0, 0x2C)
@@ -173,17 +173,18 @@ def test_entry_point_in_process_never_asks_for_a_model(
     assert (tmp_path / "v" / "vis_000000.png").is_file()
 
 
-def test_entry_point_config_errors(tmp_path: Path) -> None:
+def test_entry_point_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, "vis: {limit: 3}\n")
-    with pytest.raises(ConfigError, match="run"):
-        main(["--config", str(config)])  # neither run_dir nor explicit paths
+    assert main(["--config", str(config)]) == 1  # neither run_dir nor explicit paths
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'run.output_dir'" in err and "Traceback" not in err
     config = write_config(tmp_path, f"""
         data: {{image_root: {tmp_path / 'nowhere'}}}
         infer: {{gt_vs_pred_jsonl: {tmp_path / 'a.jsonl'}}}
         vis: {{output_dir: {tmp_path / 'v'}}}
     """)  # fmt: skip
-    with pytest.raises(ConfigError, match="data.image_root"):
-        main(["--config", str(config)])
+    assert main(["--config", str(config)]) == 1
+    assert re.fullmatch(r"error: 'data\.image_root' .*\n", capsys.readouterr().err)
     assert not (tmp_path / "v").exists()  # config errors before any output directory is touched
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), "--limit", "3"])
@@ -373,13 +374,20 @@ def test_report_page_shows_plots_that_exist(tmp_path: Path) -> None:
     assert summary.report == out / "report.html"
     text = (out / "report.html").read_text(encoding="utf-8")
     sources = re.findall(r'<img src="([^"]+)"', text)
-    assert sorted(sources) == ["report_parse_drops.png", "report_per_class_ap.png", "report_pr_curves.png"]
-    for name in sources:
+    figures = [s for s in sources if s.startswith("report_")]
+    assert sorted(figures) == ["report_parse_drops.png", "report_per_class_ap.png", "report_pr_curves.png"]
+    # the overlays are on the page as thumbnails, one per drawn record, in index order
+    assert [s for s in sources if not s.startswith("report_")] == [f"vis_{i:06d}.png" for i in range(3)]
+    assert "index 2 · 2.png · 2 GT, 2 predictions · wrong_arity" in text
+    assert "§" not in text  # the page cites no spec section numbers
+    assert 'class="summary"' not in text  # nothing to explain: there are predictions
+    for name in figures:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100
     metrics = json.loads((eval_dir / "metrics.json").read_text())["metrics"]
     assert f'<td>bbox_AP</td><td class="v">{metrics["bbox_AP"]:.4f}</td>' in text
     assert "f1ish@0.50_f1_full_micro" in text
+    assert f'<td>dup/raw/excess_object_frac</td><td class="v">{metrics["dup/raw/excess_object_frac"]:.4f}</td>' in text
 
 
 def test_no_report_without_evaluator_outputs(tmp_path: Path) -> None:
@@ -408,3 +416,20 @@ def test_prediction_scores_come_from_the_artifact_and_skip_invalid_predictions()
     assert [o.score for o in overlay_objects(image)] == [None, 1.0, 1.0]  # the evaluator's own scores
     with pytest.raises(ValueError, match="2 valid predictions"):
         overlay_objects(image, [0.5])
+
+
+def test_an_empty_result_is_explained_on_the_report(tmp_path: Path) -> None:
+    """An untrained model writes no CoordJSON: the page says why there is nothing to see."""
+    run = tmp_path / "run"
+    records = []
+    for i in range(3):
+        write_image(run / f"{i}.png")
+        codes = ["parse_failed", "truncated", "empty_pred"] if i < 2 else ["wrong_arity", "empty_pred"]
+        records.append(record(i, f"{i}.png", [bbox([4, 4, 30, 30], "cat")], [], errors=codes))
+    artifact = write_artifact(run / "gt_vs_pred.jsonl", records)
+    coco = wiring.make_coco_evaluator("faster_coco_eval")
+    evaluate_artifact(artifact, EvalConfig(), run / "eval", coco=coco, semantic=SemanticStep.off("test"))
+    vis(artifact, run / "vis", eval_dir=run / "eval")
+    text = (run / "vis" / "report.html").read_text(encoding="utf-8")
+    summary = re.findall(r'<p class="summary">([^<]+)</p>', text)
+    assert summary == ["0 predictions on 3 images: 2 parse_failed, 2 truncated, 1 objects dropped by the parser"]

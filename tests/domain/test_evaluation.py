@@ -503,7 +503,7 @@ def test_prf_edge_cases() -> None:
     assert prf(0, 0, 0) == (1.0, 1.0, 1.0)
     assert prf(0, 3, 0) == (0.0, 1.0, 0.0)
     assert prf(0, 2, 2) == (0.0, 0.0, 0.0)
-    assert f1ish_summary([], 0.5)["f1ish@0.50_f1_loc_macro"] == 0.0
+    assert f1ish_summary([], 0.5)["f1ish@0.50_f1_loc_macro"] == -1.0  # no images: undefined (issue 11 item 4)
 
 
 def _iou_matrices() -> st.SearchStrategy[np.ndarray]:
@@ -583,3 +583,24 @@ def test_box_iou_matrix_equals_the_geometry_rule(a: list[tuple[int, ...]], b: li
         for j, g in enumerate(gts):
             assert got[i, j] == pytest.approx(box_iou(p.points, g.points), abs=1e-15)
             assert 0.0 <= got[i, j] <= 1.0
+
+
+# --- the semantic threshold is inclusive (infer-eval-config.md: cosine >= threshold) -----------------
+
+
+@pytest.mark.parametrize(
+    ("cosine", "accepted"), [(0.6, True), (math.nextafter(0.6, 0.0), False), (math.nextafter(0.6, 1.0), True)]
+)
+def test_semantic_threshold_boundary_is_inclusive_everywhere(cosine: float, accepted: bool) -> None:
+    """A cosine exactly at the threshold maps (desc -> category), counts as annotated (scope mask) and as a
+    semantically correct match (F1-ish full); one ulp below it does none of the three."""
+    sim = table_similarity({frozenset(("puppy", "dog")): cosine})
+    got = CategoryTable([Category(1, "dog")]).map_desc("puppy", sim, 0.6)
+    assert (got.rule, got.category_id, got.score) == (
+        (MappingRule.SEMANTIC, 1, cosine) if accepted else (MappingRule.UNMAPPED, None, cosine)
+    )
+    img = image([box([0, 0, 100, 100], "dog")], [box([0, 0, 100, 100], "puppy", 0.9)])
+    assert f1ish_scope_mask(img, PredScope.ANNOTATED, sim, 0.6) == [accepted]
+    res = f1ish_image(img, box_iou_matrix(img.preds, img.gt), 0.5, [True], sim, 0.6)
+    assert [(m.sem_sim, m.sem_ok) for m in res.matches] == [(cosine, accepted)]
+    assert (res.tp_full, res.fp_full, res.fn_full) == ((1, 0, 0) if accepted else (0, 1, 1))

@@ -336,3 +336,22 @@ def test_mask_iou_equals_pycocotools(a: list[int], b: list[int], resolution: int
         resolution,
     )
     assert (ours == mask_api.decode(rle(a)).astype(bool)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# pairwise_box_iou: the vectorised box_iou (stage2.md §6 candidate pruning)
+
+_xyxy = st.lists(st.integers(-5, 60), min_size=4, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.lists(_xyxy, max_size=6), b=st.lists(_xyxy, max_size=6))
+def test_pairwise_box_iou_equals_box_iou_exactly(a: list[list[int]], b: list[list[int]]) -> None:
+    from domain.geometry import pairwise_box_iou
+
+    arr_a = np.asarray(a, dtype=np.int64).reshape(-1, 4)
+    out = pairwise_box_iou(arr_a, np.asarray(b, dtype=np.int64).reshape(-1, 4))
+    assert out.shape == (len(a), len(b))
+    for i, box_a in enumerate(a):
+        for j, box_b in enumerate(b):
+            assert out[i, j] == box_iou(box_a, box_b)

@@ -415,3 +415,16 @@ def test_coordinates_spelled_by_text_pieces_are_dropped_not_an_internal_error() 
     outcome = process(GeneratedText(ids, text, [math.log(0.5)] * len(ids)))
     assert [o.desc for o in outcome.pred] == ["a"]
     assert "non_coord_token" in outcome.errors
+
+
+def test_a_generation_cut_at_max_new_tokens_counts_as_truncated_even_without_a_container() -> None:
+    """An untrained model babbles until ``max_new_tokens``: ``parse_failed`` and ``truncated`` both count."""
+    babble = generated("the the the")
+    cut = GeneratedText(babble.token_ids, babble.text, babble.token_logprobs, hit_token_limit=True)
+    assert process(babble).errors == ("parse_failed", "empty_pred")
+    assert process(cut).errors == ("parse_failed", "truncated", "empty_pred")
+    inside = generated('{"objects": [{"desc": "cat", "bbox_2d": ' + box(1, 2, 30, 40) + "}, {")
+    inside_cut = GeneratedText(inside.token_ids, inside.text, inside.token_logprobs, hit_token_limit=True)
+    assert process(inside_cut).errors.count("truncated") == 1  # never counted twice
+    stopped = generated('{"objects": [{"desc": "cat", "bbox_2d": ' + box(1, 2, 30, 40) + "}]}")
+    assert "truncated" not in process(stopped).errors

@@ -32,6 +32,8 @@ ENTRY_BY_DIR = {
     "visualize": "visualize",
     "prepare_data": "prepare_data",
     "expand_vocab": "expand_vocab",
+    "merge_adapter": "merge_adapter",
+    "validate_dataset": None,  # validate_dataset loads any config (no entry-point block requirements)
 }
 
 
@@ -80,12 +82,11 @@ def test_smoke_chain_paths_agree() -> None:
     def cfg(name: str):  # type: ignore[no-untyped-def]
         return load_config(REPO / "configs" / name).config
 
-    train_split = cfg("prepare_data/shapes3.yaml").data.convert
-    val_split = cfg("prepare_data/shapes3_val.yaml").data.convert
     bbox_split = cfg("prepare_data/shapes3_bbox.yaml").data.convert
     stage1 = cfg("stage1/smoke.yaml")
-    assert stage1.data.train_jsonl == train_split.output_dir / f"{train_split.split}.jsonl"
-    assert stage1.data.val_jsonl == val_split.output_dir / f"{val_split.split}.jsonl"
+    # the main job memorises the three images: train and validation are the same boxes
+    assert stage1.data.train_jsonl == bbox_split.output_dir / f"{bbox_split.split}.jsonl"
+    assert stage1.data.val_jsonl == stage1.data.train_jsonl
     assert cfg("stage2/ab_smoke.yaml").data.train_jsonl == bbox_split.output_dir / f"{bbox_split.split}.jsonl"
     assert bbox_split.geometry == "bbox"
     infer = cfg("infer/smoke.yaml")
@@ -94,7 +95,9 @@ def test_smoke_chain_paths_agree() -> None:
     assert infer.data.val_jsonl == stage1.data.val_jsonl
     assert infer.data.field_order == stage1.data.field_order and infer.prompt == stage1.prompt
     assert infer.run is not None
-    assert cfg("visualize/smoke.yaml").infer.gt_vs_pred_jsonl == infer.run.run_dir / "gt_vs_pred.jsonl"
+    vis = cfg("visualize/smoke.yaml")
+    assert vis.infer.gt_vs_pred_jsonl == infer.run.run_dir / "gt_vs_pred.jsonl"
+    assert vis.eval.output_dir == infer.run.run_dir / "eval"  # so the report is written
 
 
 def test_production_settings_stage1_md() -> None:

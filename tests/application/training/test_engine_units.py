@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from adapters.swift.stage1 import (
-    COMPLETE_MARKER,
     epoch_index_batch_sampler,
     SampleSource,
     Stage1Dataset,
     Stage1Runtime,
     _checked_deepspeed,
 )
+from domain.checkpoints import COMPLETE_MARKER
 from domain.errors import SetupError, StepError
 from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind, Ordering
 from domain.prompts import PromptTexts

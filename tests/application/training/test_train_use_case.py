@@ -44,11 +44,12 @@ def test_other_ranks_write_nothing_and_do_not_trip_over_rank_zeros_files(
     cfg = _cfg(make_config, shapes3_bbox, tmp_path)
     run_dir = tmp_path / "out" / "t"
     run_dir.mkdir(parents=True)
-    (run_dir / "logging.jsonl").write_text("")  # rank 0 got there first
+    logged = '{"global_step": 1, "loss": 1.0}\n'
+    (run_dir / "logging.jsonl").write_text(logged)  # rank 0 got there first (and logged a step)
     monkeypatch.setenv("RANK", "1")
     train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
     assert [p.name for p in run_dir.iterdir()] == ["logging.jsonl"]
-    assert (run_dir / "logging.jsonl").read_text() == ""
+    assert (run_dir / "logging.jsonl").read_text() == logged
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="resume_from_checkpoint"):
         train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
@@ -81,8 +82,11 @@ def test_resume_requires_a_complete_checkpoint(
         train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
     latest = make_config(shapes3_bbox, model={"path": str(tmp_path), "tiny": None, "dtype": "float32"},
                          training={"resume_from_checkpoint": "latest"})
-    with pytest.raises(ConfigError, match="no complete checkpoint"):
-        train(load_config(latest, entry_point="train"), RecordingTrainingEngine())
+    # 'latest' with nothing complete starts from step 0 and drops the interrupted save (issue 11, item 3)
+    engine = RecordingTrainingEngine()
+    with pytest.warns(RuntimeWarning, match="no complete checkpoint; starting from step 0"):
+        train(load_config(latest, entry_point="train"), engine)
+    assert engine.jobs[0].resume_from is None and not incomplete.exists()
 
 
 def test_model_path_to_an_incomplete_training_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -93,8 +97,8 @@ def test_model_path_to_an_incomplete_training_checkpoint_is_refused(tmp_path: Pa
     run = tmp_path / "run"
     for step in (2, 4, 6):
         (run / f"checkpoint-{step}").mkdir(parents=True)
-    (run / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
-    (run / "checkpoint-6" / COMPLETE_MARKER).write_text("{}")
+    (run / "checkpoint-2" / COMPLETE_MARKER).write_text('{"files": []}')
+    (run / "checkpoint-6" / COMPLETE_MARKER).write_text('{"files": []}')
     assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2", "checkpoint-6"]
     with pytest.raises(ConfigError, match="without checkpoint_complete.json"):
         wiring.resolve_model_checkpoint(ModelConfig(path=run / "checkpoint-4"))

@@ -1,0 +1,42 @@
+"""ms-swift's INFO lines and trust_remote_code warnings go to the run's swift.log, not to the console."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from adapters.swift.console import route_swift_logs
+
+
+def test_swift_chatter_goes_to_the_log_file_and_errors_still_reach_the_console(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from swift.utils import get_logger
+
+    logger = get_logger()
+    before = list(logger.handlers)
+    levels = {id(h): h.level for h in before}
+    try:
+        log_file = tmp_path / "swift.log"
+        route_swift_logs(log_file)
+        route_swift_logs(log_file)  # a second call adds no second file handler
+        logger.info("Setting max_ratio: 200. You can adjust this hyperparameter through MAX_RATIO")
+        logger.warning("Loading model from '/x' with trust_remote_code=True")
+        logger.error("a real problem")
+        for handler in logger.handlers:
+            handler.flush()
+        err = capfd.readouterr().err
+        assert "max_ratio" not in err and "trust_remote_code" not in err
+        assert "a real problem" in err
+        text = log_file.read_text(encoding="utf-8")
+        assert "max_ratio" in text and "trust_remote_code" in text and "a real problem" in text
+        assert sum(isinstance(h, logging.FileHandler) for h in logger.handlers) == 1
+    finally:
+        for handler in list(logger.handlers):
+            if handler not in before:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in before:
+            handler.setLevel(levels[id(handler)])
