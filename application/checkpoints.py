@@ -1,15 +1,15 @@
 """Which checkpoints count (infer-eval-config.md §7.3): only directories whose completion marker was written
 last, and whose files still match it (sizes and SHA-256; issue 11 item 5). The rule is
-:mod:`domain.checkpoints`; the files are read by the checkpoint store (wiring)."""
+:mod:`domain.checkpoints`; the files are read by the checkpoint store the caller passes (wiring makes it)."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-from application import wiring
 from domain.checkpoints import COMPLETE_MARKER, checkpoint_step
 from domain.errors import ConfigError
+from ports.storage import CheckpointStore
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -20,9 +20,9 @@ __all__ = [
 ]
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
+def complete_checkpoints(run_dir: Path, store: CheckpointStore) -> list[Path]:
     """``checkpoint-<step>`` directories of ``run_dir`` carrying ``checkpoint_complete.json``, oldest first."""
-    return wiring.make_checkpoint_store().complete_checkpoints(Path(run_dir))
+    return store.complete_checkpoints(Path(run_dir))
 
 
 def _summary(problems: list[str]) -> str:
@@ -30,10 +30,9 @@ def _summary(problems: list[str]) -> str:
     return shown + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
 
 
-def latest_usable_checkpoint(run_dir: Path, key: str) -> Path | None:
+def latest_usable_checkpoint(run_dir: Path, key: str, store: CheckpointStore) -> Path | None:
     """The newest complete checkpoint whose files match its marker (None when none is complete); a damaged
     newer one is skipped with a warning naming what is wrong. Only damaged ones raise a ConfigError on ``key``."""
-    store = wiring.make_checkpoint_store()
     complete = store.complete_checkpoints(Path(run_dir))
     if not complete:
         return None
@@ -50,7 +49,7 @@ def latest_usable_checkpoint(run_dir: Path, key: str) -> Path | None:
     raise ConfigError(f"'{key}: latest' but every complete checkpoint of {run_dir} is damaged: {'; '.join(damaged)}")
 
 
-def checkpoint_problem(path: Path, key: str) -> str | None:
+def checkpoint_problem(path: Path, key: str, store: CheckpointStore) -> str | None:
     """Why the checkpoint ``path`` named by ``key`` must not be used, or None.
 
     A directory with a marker must match it. A ``checkpoint-<step>`` directory without one was not completely
@@ -58,7 +57,6 @@ def checkpoint_problem(path: Path, key: str) -> str | None:
     accepted as they are. The message names the newest usable earlier checkpoint, if there is one.
     """
     path = Path(path)
-    store = wiring.make_checkpoint_store()
     has_marker = (path / COMPLETE_MARKER).is_file()
     step = checkpoint_step(path.name)
     if not has_marker and step is None:
@@ -78,6 +76,6 @@ def checkpoint_problem(path: Path, key: str) -> str | None:
     return f"'{key}' = {str(path)!r} is {reason}; {hint}"
 
 
-def incomplete_checkpoint_problem(path: Path) -> str | None:
+def incomplete_checkpoint_problem(path: Path, store: CheckpointStore) -> str | None:
     """``model.path``: :func:`checkpoint_problem` under that key."""
-    return checkpoint_problem(path, "model.path")
+    return checkpoint_problem(path, "model.path", store)

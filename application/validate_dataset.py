@@ -3,10 +3,12 @@
     python -m application.validate_dataset --config FILE
 
 Runs the loader's checks of data.md §1 (record contract) and §3 (image files and sizes) on
-``data.train_jsonl`` and ``data.val_jsonl``, computes sample lengths against ``training.max_length``
-when a sample-length function is available, and reports EVERY problem (not only the first 20) plus
-statistics: records, objects per image, bbox / poly counts, length percentiles. Exit status 1 when
-any problem was found.
+``data.train_jsonl`` and ``data.val_jsonl``, computes every record's sample token length (data.md §6.5)
+with the configured model's processor exactly as the training pre-pass does (``model.path``, or the
+embedded tiny model: ``model.tiny``, or its defaults when there is no ``model`` block) and reports each
+record longer than ``training.max_length`` by file and line. It reports EVERY problem (not only the
+first 20) plus statistics: records, objects per image, bbox / poly counts, length percentiles. Exit
+status 1 when any problem was found.
 """
 
 from __future__ import annotations
@@ -24,17 +26,20 @@ from application.dataset_images import (
     ImageVerdictCache,
     image_problems,
     image_root_for,
+    resolve_image_path,
 )
 from application.datasets import read_split_lines
 from domain.errors import ArtifactError, ConfigError, DataProblem, InvariantViolation
 from domain.objects import Ordering
+from domain.packing import over_long_samples
 from domain.records import RecordSet, no_records_problem, validate_jsonl_records
 from ports.storage import ArtifactStore, ImageStore
 
 PROG = "python -m application.validate_dataset"
 
-SampleLengths = Callable[[RecordSet], Sequence[int]]
-"""Token lengths (data.md §6.5) of every record of a validated record set, in record order."""
+SampleLengths = Callable[[RecordSet, Sequence[Path]], Sequence[int]]
+"""Token lengths (data.md §6.5) of every record of a validated record set (with its resolved image
+files, as training loads them), in record order."""
 
 
 @attrs.frozen
@@ -127,16 +132,19 @@ def validate_split(
     root = image_root_for(path, image_root)
     problems += image_problems(record_set, root, images, workers=workers, cache=ImageVerdictCache(artifacts, root))
     lengths: Distribution | None = None
-    note = "not computed (no sample-length function: configure a model to measure token lengths)"
+    note = "not computed (no sample-length function given)"
     if sample_lengths is not None:
-        values = list(sample_lengths(record_set))
+        values = list(sample_lengths(record_set, [resolve_image_path(r.image, root) for r in record_set]))
         if len(values) != len(record_set):
             raise InvariantViolation(f"sample_lengths returned {len(values)} lengths for {len(record_set)} records")
-        for record, n in zip(record_set, values):
-            if n > max_length:
-                problems.append(
-                    DataProblem(record.source, record.line, "", f"sample length {n} exceeds training.max_length = {max_length}")
+        records = list(record_set)
+        for i in over_long_samples(values, max_length):
+            problems.append(
+                DataProblem(
+                    records[i].source, records[i].line, "",
+                    f"sample length {values[i]} exceeds training.max_length = {max_length}",
                 )
+            )  # fmt: skip
         lengths = Distribution.of(values)
         note = ""
     problems.sort(key=lambda p: (p.line, p.field) if isinstance(p, DataProblem) else (0, ""))
@@ -196,9 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body(config_path: Path) -> int:
         config = load_config(config_path).config
-        # Token lengths need the model's processor; the sample-encoder wiring provides them when present.
-        factory = getattr(wiring, "make_sample_lengths", None)
-        sample_lengths = factory(config) if (factory is not None and config.model is not None) else None
+        # Token lengths with the configured model's processor (the tiny model by default), as training measures them.
+        sample_lengths = wiring.make_sample_lengths(config)
         result = validate_dataset(
             config, artifacts=wiring.make_artifact_store(), images=wiring.make_image_store(),
             sample_lengths=sample_lengths,

@@ -27,6 +27,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from domain.coordjson import INCOMPLETE_TAIL, POLY_UNSUPPORTED, DropReason
+
 EVAL_PREFIX = "eval_"
 PAYLOAD_SCHEMA_MAJOR = 1
 #: Bookkeeping fields of a ``logging.jsonl`` line (infer-eval-config.md §7.2); not metric keys.
@@ -43,19 +45,21 @@ DIAGNOSTIC_NAMES: tuple[str, ...] = (
     "token_type_enricher",
     "instability_meta_enricher",
 )
-#: Drop reasons of the Stage-2 scanner (stage2.md §3.5 / §18.2), all emitted, zeros included.
-STRICT_DROP_REASONS: tuple[str, ...] = (
-    "incomplete_tail",
-    "unexpected_keys",
-    "missing_desc",
-    "missing_geom",
-    "order_violation",
-    "non_coord_token",
-    "wrong_arity",
-    "bbox_invalid",
-    "poly_unsupported",
-    "other",
-)
+
+
+def strict_drop_reasons(parser_reasons: Iterable[DropReason] = DropReason) -> tuple[str, ...]:
+    """Drop reasons of the Stage-2 scanner (stage2.md §3.5 / §18.2), derived from the parser's enum.
+
+    ``incomplete_tail``, every parser reason in enum order except ``other``, Stage 2's ``poly_unsupported``,
+    then ``other`` last. :class:`domain.coordjson.DropReason` is the one owner of the parser reasons.
+    """
+    other = DropReason.OTHER.value
+    parser = [str(r.value) for r in parser_reasons if r.value != other]
+    return (INCOMPLETE_TAIL, *parser, POLY_UNSUPPORTED, other)
+
+
+#: The Stage-2 drop reasons, all emitted, zeros included (see :func:`strict_drop_reasons`).
+STRICT_DROP_REASONS: tuple[str, ...] = strict_drop_reasons()
 TOKEN_TYPE_CLASSES: tuple[str, ...] = ("desc", "format", "coord")
 COCO_STATS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 F1ISH_FIELDS: tuple[str, ...] = (
@@ -271,7 +275,7 @@ def _stage1_keys() -> list[MetricKey]:
     return k
 
 
-def _stage2_keys() -> list[MetricKey]:
+def _stage2_keys(drop_reasons: Sequence[str] = STRICT_DROP_REASONS) -> list[MetricKey]:
     k: list[MetricKey] = []
     ab = frozenset({STAGE2_AB})
 
@@ -287,8 +291,8 @@ def _stage2_keys() -> list[MetricKey]:
     add("stage2_ab/channel_b/strict_drop/N_valid_pred", "stage2_ab", R.SUM, "B", "valid bbox predictions after scan + bbox-only filter", variants=ab)
     add("stage2_ab/channel_b/strict_drop/N_drop_invalid", "stage2_ab", R.SUM, "B", "all dropped records (every reason of §3.5)", variants=ab)
     # §18.2.
-    for r in STRICT_DROP_REASONS:
-        add(f"stage2_ab/channel_b/strict_drop/reason/{r}", "stage2_ab", R.SUM, "B (all 10 reasons, zeros included)",
+    for r in drop_reasons:
+        add(f"stage2_ab/channel_b/strict_drop/reason/{r}", "stage2_ab", R.SUM, f"B (all {len(drop_reasons)} reasons, zeros included)",
             f"records dropped for reason {r}; Σ over reasons = N_drop_invalid", variants=ab)
     add("stage2_ab/channel_b/cut_fallback", "stage2_ab", R.SUM, "B", "samples with cut_fallback", variants=ab)
     add("stage2_ab/channel_b/semantic_desc_gate/is_active", "stage2_ab", R.MAX, "B (reordered only)", "encoder loaded and probed", variants=ab)

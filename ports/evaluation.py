@@ -1,10 +1,12 @@
-"""Ports of the detection evaluator (infer-eval-config.md §4): the COCO library and the text encoder."""
+"""Ports of the detection evaluator (infer-eval-config.md §4): the COCO library, the text encoder and the
+semantic step a run gets from wiring."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 
@@ -79,3 +81,15 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Unit-norm embeddings ``[len(texts), dim]``; cosine similarity is their dot product."""
         ...
+
+
+@attrs.frozen
+class SemanticStep:
+    """The semantic step of a run (§4.2): an encoder, or the reason it is off (recorded in ``meta.semantic``)."""
+
+    encoder: TextEncoder | None
+    disabled_reason: str | None = None
+
+    @classmethod
+    def off(cls, reason: str) -> SemanticStep:
+        return cls(None, reason)

@@ -8,9 +8,12 @@ kept (D11) and reports the ids it generated, so parsers work on ids and scores c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 import attrs
+
+from ports.tokenizer import TokenizerPort
 
 
 @attrs.frozen
@@ -85,3 +88,68 @@ class GenerationBackend(Protocol):
         """JSON-ready facts for the run summary, e.g. ``device``, ``attn_implementation_selected``,
         ``base_url``, ``auto_launched``, ``logprobs_mode``, ``launch_argv`` (what applies to the backend)."""
         ...
+
+
+# --------------------------------------------------------------------------------------------
+# Opening an engine for the infer stage (infer-eval-config.md §2.6): what wiring needs, what it returns
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class VllmLaunchSettings:
+    """``infer.vllm.launch``: how the in-process engine or an auto-launched server is started."""
+
+    tensor_parallel_size: int
+    data_parallel_size: int
+    gpu_memory_utilization: float
+    max_model_len: int | None
+    max_num_batched_tokens: int | None
+    max_num_seqs: int | None
+    enable_prefix_caching: bool
+    enforce_eager: bool
+    startup_timeout_s: float
+
+
+@attrs.frozen
+class VllmEngineSettings:
+    """``infer.vllm`` with its fallbacks applied (``served_model_name``, ``client_concurrency``)."""
+
+    mode: Literal["local", "server"]
+    base_url: str | None
+    served_model_name: str
+    request_timeout_s: float
+    preflight_timeout_s: float
+    client_concurrency: int
+    auto_launch: bool
+    trust_remote_code: bool
+    launch: VllmLaunchSettings
+
+
+@attrs.frozen(eq=False)
+class EngineRequest:
+    """What opening a backend needs: the checkpoint directory, the image root, the run dir, and the settings
+    the application read from the config (``model``, ``infer``, ``data.max_pixels``, ``run.seed``).
+
+    ``model_path`` is the path a vLLM engine or server loads (``model.path``, else the checkpoint).
+    """
+
+    backend: Literal["hf", "vllm"]
+    checkpoint: Path
+    image_root: Path
+    run_dir: Path
+    model_path: str
+    dtype: str
+    attn_implementation: str
+    device: str
+    seed: int
+    max_pixels: int
+    vllm: VllmEngineSettings
+
+
+@attrs.frozen(eq=False)
+class GenerationEngine:
+    """A ready backend plus what per-sample processing needs from the checkpoint's tokenizer."""
+
+    backend: GenerationBackend
+    tokenizer: TokenizerPort
+    stop_ids: frozenset[int]

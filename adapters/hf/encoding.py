@@ -127,10 +127,15 @@ class HFSampleEncoder:
     def sample_length(self, sample: ChatSample) -> int:
         return self._lengths([sample])[0]
 
-    def checked_lengths(self, samples: Sequence[ChatSample], max_length: int) -> list[int]:
+    def lengths(self, samples: Sequence[ChatSample]) -> list[int]:
+        """data.md §6.5 token lengths of training samples, in order, without image I/O (batches of 256)."""
         lengths: list[int] = []
         for start in range(0, len(samples), 256):
             lengths += self._lengths(samples[start : start + 256])
+        return lengths
+
+    def checked_lengths(self, samples: Sequence[ChatSample], max_length: int) -> list[int]:
+        lengths = self.lengths(samples)
         # The one owner of the over-length rule and its message (data.md §6.5, §8.2.2).
         check_sample_lengths(lengths, max_length, [str(s.origin) for s in samples])
         return lengths

@@ -8,12 +8,10 @@ Public API (every entry point uses exactly these):
 - every problem raises ``domain.errors.ConfigError``.
 """
 
+from application.config.keys import ENTRY_POINTS, EntryPoint, format_path
 from application.config.loader import (
     CONVERTER,
-    ENTRY_POINTS,
-    EntryPoint,
     LoadedConfig,
-    format_path,
     load_config,
     read_merged,
     structure_config,

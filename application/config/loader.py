@@ -33,38 +33,19 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from application.config import schema
+from application.config.keys import (
+    ENTRY_POINTS,
+    ConfigPath,
+    EntryPoint,
+    PathPart,
+    format_path,
+    is_under,
+    path_sort_key,
+    source_of,
+)
 from application.config.migrations import find_migration, normalize_path
+from application.config.validation import inert_key_warnings, validation_problems
 from domain.errors import ConfigError
-
-EntryPoint = Literal[
-    "train", "infer", "evaluate", "visualize", "prepare_data", "expand_vocab", "merge_adapter",
-    "stage2_server_launch",
-]
-ENTRY_POINTS: tuple[str, ...] = typing.get_args(EntryPoint)
-
-PathPart = str | int
-ConfigPath = tuple[PathPart, ...]
-
-# --------------------------------------------------------------------------------------------
-# Dotted paths
-# --------------------------------------------------------------------------------------------
-
-
-def format_path(parts: Sequence[PathPart]) -> str:
-    """``("rollout", "vllm", "server", "servers", 0, "grp_port")`` -> ``rollout.vllm.server.servers[0].grp_port``."""
-    text = ""
-    for part in parts:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text = f"{text}.{part}" if text else part
-    return text
-
-
-def path_sort_key(parts: Sequence[PathPart]) -> tuple[tuple[bool, Any], ...]:
-    """Sort dotted paths component-wise, list indices numerically."""
-    return tuple((isinstance(p, int), p) for p in parts)
-
 
 # --------------------------------------------------------------------------------------------
 # YAML: safe loading with YAML 1.2 core scalars, no duplicate or non-string keys
@@ -189,10 +170,6 @@ def _leaf_sources(value: Any, prefix: str, file: Path) -> dict[str, Path]:
     return {prefix: file}
 
 
-def _is_under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith((prefix + ".", prefix + "["))
-
-
 def _merge(
     base: dict[str, Any], base_src: dict[str, Path], over: dict[str, Any], over_src: dict[str, Path], prefix: str = ""
 ) -> tuple[dict[str, Any], dict[str, Path]]:
@@ -202,10 +179,10 @@ def _merge(
     for key, value in over.items():
         path = _join(prefix, key)
         if key in result and isinstance(result[key], dict) and isinstance(value, dict):
-            sub_base_src = {k: v for k, v in sources.items() if _is_under(k, path)}
-            sub_over_src = {k: v for k, v in over_src.items() if _is_under(k, path)}
+            sub_base_src = {k: v for k, v in sources.items() if is_under(k, path)}
+            sub_over_src = {k: v for k, v in over_src.items() if is_under(k, path)}
             merged, merged_src = _merge(result[key], sub_base_src, value, sub_over_src, path)
-            sources = {k: v for k, v in sources.items() if not _is_under(k, path)}
+            sources = {k: v for k, v in sources.items() if not is_under(k, path)}
             if merged:
                 merged_src.pop(path, None)  # an empty mapping that became non-empty is no longer a leaf
             else:
@@ -213,8 +190,8 @@ def _merge(
             sources.update(merged_src)
             result[key] = merged
         else:
-            sources = {k: v for k, v in sources.items() if not _is_under(k, path)}
-            sources.update({k: v for k, v in over_src.items() if _is_under(k, path)})
+            sources = {k: v for k, v in sources.items() if not is_under(k, path)}
+            sources.update({k: v for k, v in over_src.items() if is_under(k, path)})
             result[key] = value
     return result, sources
 
@@ -622,22 +599,6 @@ def _yaml_name(cl: type, attribute: str) -> str:
     return attribute
 
 
-def source_of(sources: Mapping[str, Path], path: str) -> Path | None:
-    """The file that set ``path``: the leaf itself, else its nearest ancestor, else a descendant."""
-    if path in sources:
-        return sources[path]
-    best: tuple[int, Path] | None = None
-    for key, file in sources.items():
-        if _is_under(path, key) and (best is None or len(key) > best[0]):
-            best = (len(key), file)
-    if best is not None:
-        return best[1]
-    for key in sorted(sources):
-        if _is_under(key, path):
-            return sources[key]
-    return None
-
-
 def structure_config(data: dict[str, Any], sources: Mapping[str, Path] | None = None) -> schema.CoordExpConfig:
     """Structure merged YAML data into the schema; every structural problem is reported at once."""
     sources = sources or {}
@@ -682,8 +643,6 @@ def load_config(path: str | Path, *, entry_point: EntryPoint | None = None) -> L
     With ``entry_point`` the blocks and keys that entry point needs are required too. Raises
     :class:`ConfigError` listing every problem.
     """
-    from application.config.validation import inert_key_warnings, validation_problems
-
     if entry_point is not None and entry_point not in ENTRY_POINTS:
         raise ValueError(f"unknown entry point {entry_point!r}; known: {list(ENTRY_POINTS)}")
     data, sources, chain = read_merged(path)

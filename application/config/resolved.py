@@ -17,6 +17,7 @@ from typing import Any
 from application.config import schema
 from application.config.loader import CONVERTER, LoadedConfig
 from domain.errors import ArtifactError
+from ports.storage import ArtifactStore
 
 RESOLVED_CONFIG_FILENAME = "resolved_config.json"
 RESOLVED_SCHEMA_VERSION = 1
@@ -82,13 +83,11 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON (indent 2, ``ensure_ascii=False``, trailing newline) via a temp file, fsync and rename."""
-    from application import wiring  # not at import time: wiring imports this package
-
+def write_json_atomic(path: Path, document: Any, store: ArtifactStore) -> None:
+    """Write JSON (indent 2, ``ensure_ascii=False``, trailing newline) through ``store``'s atomic writer."""
     text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     # the one atomic writer: temp file, fsync, rename, and the umask's mode rather than mkstemp's 0600
-    wiring.make_artifact_store().write_text(Path(path), text)
+    store.write_text(Path(path), text)
 
 
 def resolved_document(
@@ -119,15 +118,17 @@ def write_resolved_config(
     run_dir: str | Path,
     kind: str,
     extra: Mapping[str, Any] | None = None,
+    *,
+    store: ArtifactStore,
 ) -> Path:
-    """Write ``<run_dir>/resolved_config.json`` atomically and return its path.
+    """Write ``<run_dir>/resolved_config.json`` atomically (through ``store``) and return its path.
 
     ``kind`` is e.g. ``"train"`` or ``"infer_pipeline"``. Given a :class:`LoadedConfig`, the
     document carries ``config_path``, ``config_path_abs`` and ``extends_chain``; ``extra`` adds
     entry-point fields (e.g. ``infer_fingerprint``, ``image_root``, ``stages``, ``artifacts``).
     """
     path = Path(run_dir) / RESOLVED_CONFIG_FILENAME
-    write_json_atomic(path, resolved_document(cfg, kind, extra))
+    write_json_atomic(path, resolved_document(cfg, kind, extra), store)
     return path
 
 

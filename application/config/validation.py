@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from application.config import schema
-from application.config.loader import EntryPoint, path_sort_key, source_of
+from application.config.keys import EntryPoint, path_sort_key, source_of
 from domain.errors import ConfigError
 from domain.objects import CoordMode
 from domain.prompts import registered_variants

@@ -138,3 +138,27 @@ def test_yaml_rollout_server_block_with_api_key_env(tmp_path: Path, monkeypatch:
     path.write_text(path.read_text().replace("api_key_env: ROLLOUT_KEY_FOR_TEST", "api_key_env: ''"))
     with pytest.raises(ConfigError, match="api_key_env"):
         load_config(path)
+
+
+def test_hf_backend_gets_the_repeat_terminate_block() -> None:
+    from application.config.schema import RepeatTerminateConfig
+    from domain.repeat_terminate import RepeatTerminateSettings
+
+    off: Any = wiring.make_rollout_backend(
+        _config(RolloutConfig(backend="hf")), module=object(), encoder=_Encoder(), stop_ids=frozenset({2})
+    )
+    assert off._repeat_terminate is None and off.describe()["repeat_terminate"] is False
+    block = RepeatTerminateConfig(
+        enabled=True,
+        min_new_tokens=10,
+        max_consecutive_token_repeats=5,
+        ngram_size=4,
+        ngram_repeats=3,
+        max_objects=7,
+    )
+    on: Any = wiring.make_rollout_backend(
+        _config(RolloutConfig(backend="hf", repeat_terminate=block)),
+        module=object(), encoder=_Encoder(), stop_ids=frozenset({2}),
+    )  # fmt: skip
+    assert on._repeat_terminate == RepeatTerminateSettings(10, 5, 4, 3, 7)
+    assert on.describe()["repeat_terminate"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,8 @@ def test_lengths_against_max_length(tmp_path: Path) -> None:
     Image.new("RGB", (64, 32)).save(tmp_path / "a.jpg")
     (tmp_path / "val.jsonl").write_text("\n".join([_good("a.jpg"), _good("a.jpg", n=2)]) + "\n", encoding="utf-8")
 
-    def lengths(records: RecordSet) -> list[int]:
+    def lengths(records: RecordSet, images: Sequence[Path]) -> list[int]:
+        assert list(images) == [tmp_path / "a.jpg"] * 2  # resolved as training resolves them
         return [50 * (1 + len(r.objects)) for r in records]  # 100, 150
 
     result = vd.validate_dataset(

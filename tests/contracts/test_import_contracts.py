@@ -39,7 +39,7 @@ def test_contracts_hold_on_the_real_tree() -> None:
 
 
 MUTATIONS = [
-    # (file to create, its text, contract name fragment that must break)
+    # (file to create, or an existing module to append to; the text; contract name fragment that must break)
     ("domain/_mutant.py", "import torch\n", "1. domain"),
     ("domain/_mutant.py", "import yaml\n", "1. domain"),
     ("domain/_mutant.py", "from ports import provenance\n", "1. domain"),
@@ -48,6 +48,12 @@ MUTATIONS = [
     ("application/_mutant.py", "import adapters.provenance.collector\n", "3. application"),
     ("adapters/provenance/_mutant.py", "import application.provenance\n", "4. adapters"),
     ("adapters/coco/_mutant.py", "import adapters.vis\n", "6. adapter"),
+    # the config package importing the composition root again: application.config <-> application.wiring
+    ("application/config/_mutant.py", "import application.wiring\n", "7. no import cycles"),
+    # ports.generation imports ports.tokenizer; the way back closes a cycle inside ports
+    ("ports/tokenizer.py", "import ports.generation\n", "7. no import cycles"),
+    ("application/wiring.py", "import application.infer\n", "8. the composition root"),
+    ("application/wiring.py", "from application.evaluate import run_evaluation\n", "8. the composition root"),
 ]
 
 
@@ -56,7 +62,8 @@ def test_each_contract_can_fail(tmp_path: Path, path: str, text: str, contract: 
     _copy_tree(tmp_path)
     target = tmp_path / path
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    # an existing module gets the import appended (still valid Python); a new file holds only the import
+    target.write_text((target.read_text() + "\n" if target.exists() else "") + text)
     result = _lint(tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 import subprocess
@@ -34,6 +35,7 @@ from domain.metrics_registry import (
     reduce_rank_vectors,
     render_markdown,
     stage1_keys,
+    strict_drop_reasons,
     stride_subsample,
 )
 
@@ -85,6 +87,21 @@ def test_unregistered_and_forbidden_keys() -> None:
     ]
     assert check_keys(["loss", *forbidden, "loss"]) == tuple(forbidden)
     assert check_keys(["loss", "eval_loss", "token_acc"]) == ()
+
+
+def test_drop_reasons_derive_from_the_parser_enum() -> None:
+    """One owner (issue 10): the registry's reasons are the DropReason members plus Stage 2's buckets."""
+    from domain.coordjson import INCOMPLETE_TAIL, POLY_UNSUPPORTED, DropReason
+    from domain.metrics_registry import _stage2_keys
+
+    assert STRICT_DROP_REASONS == strict_drop_reasons(DropReason)
+    assert set(STRICT_DROP_REASONS) == {r.value for r in DropReason} | {INCOMPLETE_TAIL, POLY_UNSUPPORTED}
+    members = [(m.name, m.value) for m in DropReason] + [("NEW_REASON", "new_reason")]
+    extended = enum.Enum("Extended", members, type=str)  # type: ignore[misc]
+    reasons = strict_drop_reasons(extended)
+    assert reasons == (*STRICT_DROP_REASONS[:-2], "new_reason", POLY_UNSUPPORTED, "other")
+    names = {k.name for k in _stage2_keys(reasons)}
+    assert "stage2_ab/channel_b/strict_drop/reason/new_reason" in names
 
 
 def test_enumerated_families_are_complete() -> None:

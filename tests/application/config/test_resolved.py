@@ -15,6 +15,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from application import wiring
 from application.config import (
     canonical_json,
     load_config,
@@ -28,6 +29,8 @@ from application.config import (
 from domain.errors import ArtifactError
 
 from .conftest import WriteConfig
+
+STORE = wiring.make_artifact_store()
 
 # One valid value per leaf, and a second valid value for the "changed leaf" property.
 LEAVES: dict[str, tuple[Any, Any]] = {
@@ -203,7 +206,7 @@ def test_write_resolved_config_train(write: WriteConfig, tmp_path: Path) -> None
     child = write("child.yaml", "extends: base.yaml\nrun: {name: r}\ntraining: {learning_rate: 1e-3}")
     loaded = load_config(child)
     run_dir = tmp_path / "out" / "r"
-    path = write_resolved_config(loaded, run_dir, "train", extra={"note": {"hf_token": "abc"}})
+    path = write_resolved_config(loaded, run_dir, "train", extra={"note": {"hf_token": "abc"}}, store=STORE)
     assert path == run_dir / "resolved_config.json"
     text = path.read_text(encoding="utf-8")
     assert text.endswith("}\n") and text.startswith('{\n  "schema_version": 1,')
@@ -220,9 +223,9 @@ def test_write_resolved_config_train(write: WriteConfig, tmp_path: Path) -> None
 def test_write_resolved_config_rejects_unknown_kind_and_reserved_extra(tmp_path: Path) -> None:
     cfg = structure_config({})
     with pytest.raises(ValueError, match="unknown resolved_config kind"):
-        write_resolved_config(cfg, tmp_path, "training")
+        write_resolved_config(cfg, tmp_path, "training", store=STORE)
     with pytest.raises(ValueError, match="would overwrite"):
-        write_resolved_config(cfg, tmp_path, "train", extra={"kind": "x"})
+        write_resolved_config(cfg, tmp_path, "train", extra={"kind": "x"}, store=STORE)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -242,7 +245,7 @@ def test_written_infer_document_loads_back(tmp_path: Path) -> None:
     cfg = structure_config({"stages": {"infer": True, "eval": True, "vis": False}})
     extra = {k: v for k, v in _infer_doc().items()
              if k not in ("schema_version", "kind", "resolved_config_sha256", "resolved")}
-    path = write_resolved_config(cfg, tmp_path, "infer_pipeline", extra=extra)
+    path = write_resolved_config(cfg, tmp_path, "infer_pipeline", extra=extra, store=STORE)
     doc = load_resolved_config(path)
     assert doc["stages"] == {"infer": True, "eval": True, "vis": False}
     assert doc["resolved"] == resolved_dict(cfg)
