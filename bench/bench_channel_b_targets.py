@@ -4,10 +4,12 @@ Run: ``python bench/bench_channel_b_targets.py [--n 40] [--objects 60] [--repeat
 
 Each sample is a 60-object rollout (GT boxes jittered, some missed, some spurious, the last record cut by
 ``max_new_tokens``) against its 60 GT boxes. Stages timed (best of ``--repeat``, per sample):
-scan (per-id pieces + token-aligned scan), match (§6, mask IoU at R = 256), targets (FN injection,
-closure check, mask plan), duplicate monitor (§18.7), and the whole ``build_channel_b_targets`` with
-pieces decoded inside; the reference is ``tokenizer.encode`` of the rollout text. Prints times and
-ratios side by side. No assertion: a benchmark. Target: <= 2 ms per sample for the whole step.
+per-id pieces (``HFTokenizer.piece``, memoised per id, and the un-memoised per-id decode it replaced),
+scan (token-aligned scan), match (§6, mask IoU at R = 256: closed-form for bbox pairs), targets (FN
+injection, closure check, mask plan, and the duplicate monitor of §18.7, which ``construct_targets``
+now runs), the monitor alone, and the whole ``build_channel_b_targets`` with pieces given or decoded
+inside; the reference is ``tokenizer.encode`` of the rollout text. Prints times and ratios side by
+side. No assertion: a benchmark. Target: <= 2 ms per sample for the whole step.
 """
 
 from __future__ import annotations
@@ -108,19 +110,19 @@ def main() -> None:
     gts = [g for _, g in samples]
 
     def whole(with_pieces: bool) -> None:
-        for x, p, g, valid in zip(ids, pieces, gts, preds):
+        for x, p, g in zip(ids, pieces, gts):
+            # The duplicate monitor (§18.7) runs inside (counters.duplicates).
             build_channel_b_targets(x, 100, g, settings, tok, ref, pieces=p if with_pieces else None)
-            if duplicate_stats is not None:
-                duplicate_stats(valid)  # the rollout's valid bbox objects (§18.7)
 
     stages: dict[str, Callable[[], object]] = {
         "tokenize (encode) reference": lambda: [tok.encode(text) for text, _ in samples],
-        "per-id pieces (decode)": lambda: [[tok.piece(t) for t in x] for x in ids],
+        "per-id decode, no memo": lambda: [[tok.decode([t]) for t in x] for x in ids],
+        "per-id pieces (memoised)": lambda: [[tok.piece(t) for t in x] for x in ids],
         "scan (given pieces)": lambda: [scan_rollout(x, p, tok, order) for x, p in zip(ids, pieces)],
         "match (R=256 mask IoU)": lambda: [
             match_predictions(p, g, settings.matching) for p, g in zip(preds, gts)
         ],
-        "targets + masks": lambda: [
+        "targets + masks + dup": lambda: [
             construct_targets(s, g, m, 100, settings, tok, ref) for s, g, m in zip(scans, gts, matches)
         ],
         "duplicate monitor": lambda: [duplicate_stats(p) for p in preds] if duplicate_stats else None,

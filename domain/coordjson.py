@@ -34,6 +34,7 @@ __all__ = [
     "CONTAINER_OPENER",
     "INCOMPLETE_TAIL",
     "MAX_NESTING",
+    "POLY_UNSUPPORTED",
     "STOP_TEXTS",
     "CharSpan",
     "DocumentScan",
@@ -80,6 +81,9 @@ class DropReason(str, enum.Enum):
 
 INCOMPLETE_TAIL = "incomplete_tail"
 """Consumer bucket name of a record that never closes (data.md §5.4 step 4); not a parser reason."""
+
+POLY_UNSUPPORTED = "poly_unsupported"
+"""Stage-2 AB consumer bucket of a valid polygon prediction (stage2.md §4); the record stays in the prefix."""
 
 CONTAINER_OPENER = '{"objects": ['
 """The canonical container opener; its tokenisation is the scanner's fallback prefix (stage2.md §0)."""
@@ -642,7 +646,10 @@ def _scan(
     coord_mode: CoordMode,
     literal_bin: LiteralBin | None,
     cut_at_stop: bool,
+    *,
+    validate: bool = True,
 ) -> DocumentScan:
+    """The array-level walk; ``validate=False`` leaves complete records without a verdict (structure only)."""
     n = len(text)
     had_stop = False
     if cut_at_stop:
@@ -685,7 +692,9 @@ def _scan(
                 elements.append(RecordScan(n_records, pos, -1, commas, None))
                 truncated = True
                 break
-            verdict = _validate_record(text, pos, end, field_order, coord_mode, literal_bin)
+            verdict = (
+                _validate_record(text, pos, end, field_order, coord_mode, literal_bin) if validate else None
+            )
             elements.append(RecordScan(n_records, pos, end, commas, verdict))
             n_records += 1
             commas = 0
@@ -931,6 +940,9 @@ class ScanResult:
     had_stop: bool
     incomplete_tail: int
     used_fallback_prefix: bool
+    # What the scanner's own §3.6.4 check passed on: (prefix_text, n_prefix_records, field_order,
+    # coord_mode), or None. append_fn_records skips the identical §7.2.4 re-check when it matches.
+    append_ready_checked: tuple[str, int, FieldOrder, CoordMode] | None = None
 
     @property
     def invalid_rollout(self) -> bool:
@@ -980,7 +992,10 @@ def check_append_ready(
     ends at array level (outside records and strings, array open) right after the last record's ``}``
     or the opener's ``[``.
     """
-    scan = _scan(prefix_text, FieldOrder(field_order), CoordMode(coord_mode), None, cut_at_stop=False)
+    # Structure only: record boundaries, junk and the array state; verdicts are not part of §3.6.4.
+    scan = _scan(
+        prefix_text, FieldOrder(field_order), CoordMode(coord_mode), None, cut_at_stop=False, validate=False
+    )
     problems: list[str] = []
     if scan.parse_failed:
         problems.append("no container opener")
@@ -1085,6 +1100,7 @@ def scan_tokens(
     complete = [r for r in doc.records if r.complete]
     cut_fallback = False
     used_fallback_prefix = False
+    checked: tuple[str, int, FieldOrder, CoordMode] | None = None
     k = len(complete)
     if doc.parse_failed:
         prefix_ids, prefix_text, offsets = _fallback_prefix(encode, decode)
@@ -1104,6 +1120,7 @@ def scan_tokens(
             k -= 1
         if not used_fallback_prefix:
             check_append_ready(prefix_text, k, field_order, coord_mode)
+            checked = (prefix_text, k, field_order, coord_mode)
     in_prefix = {r.index for r in complete[:k]}
 
     def token_groups(spans: tuple[tuple[int, int], ...]) -> tuple[tuple[int, ...], ...]:
@@ -1190,6 +1207,7 @@ def scan_tokens(
         had_stop=had_stop,
         incomplete_tail=doc.incomplete_tail,
         used_fallback_prefix=used_fallback_prefix,
+        append_ready_checked=checked,
     )
 
 
@@ -1255,7 +1273,9 @@ def append_fn_records(
     in tokens mode, if the fragment's coord-id count differs from the serialised count (§7.2.6).
     """
     field_order, coord_mode = FieldOrder(field_order), CoordMode(coord_mode)
-    check_append_ready(scan.prefix_text, scan.n_prefix_records, field_order, coord_mode)
+    # §7.2.4 is §3.6.4 again: skipped only when the scanner checked these very values.
+    if scan.append_ready_checked != (scan.prefix_text, scan.n_prefix_records, field_order, coord_mode):
+        check_append_ready(scan.prefix_text, scan.n_prefix_records, field_order, coord_mode)
     fragment, spans = fn_injection_typed(scan.n_prefix_records, missed_objects, field_order, coord_mode)
     append_ids = tuple(int(t) for t in encode(fragment))
     groups: list[tuple[int, ...]] = []

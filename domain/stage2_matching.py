@@ -27,7 +27,7 @@ from scipy.optimize import linear_sum_assignment
 
 from domain.codec import MAX_BIN
 from domain.errors import ConfigError, GeometryError
-from domain.geometry import masks_iou, pairwise_box_iou, rasterize_shape
+from domain.geometry import box_mask_spans, masks_iou, pairwise_box_iou, rasterize_shape, span_mask_iou
 from domain.objects import GeometryKind
 
 #: Cost of an infeasible edge (non-candidate or gated pair); an assignment at or above INF / 2 is no match.
@@ -114,9 +114,16 @@ class MatchResult:
 def _checked_aabb(shape: BinShape, where: str) -> tuple[int, int, int, int]:
     """The shape's canonical (min/max) axis-aligned box; bad bins or arity raise naming ``where``."""
     kind = shape.kind
+    bins = shape.bins
+    if kind is GeometryKind.BBOX and len(bins) == 4:  # the common case, checked in one expression
+        x1, y1, x2, y2 = bins
+        if (
+            type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int
+            and 0 <= x1 <= MAX_BIN and 0 <= y1 <= MAX_BIN and 0 <= x2 <= MAX_BIN and 0 <= y2 <= MAX_BIN
+        ):  # fmt: skip
+            return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
     if not isinstance(kind, GeometryKind):
         raise GeometryError(f"{where}.kind: expected 'bbox_2d' or 'poly', got {kind!r}")
-    bins = shape.bins
     for j, v in enumerate(bins):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise GeometryError(f"{where}.bins[{j}]: expected an integer bin, got {v!r}")
@@ -156,16 +163,14 @@ def prune_candidates(
     iou = pairwise_box_iou(pred_boxes, gt_boxes)
     p = np.asarray(pred_boxes, dtype=np.int64).reshape(-1, 4)
     g = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
-    # Doubled centres keep the squared distance an exact integer.
+    # Doubled centres keep the squared distance an exact integer (and exact in float64: < 2**53).
     dx = (g[:, 0] + g[:, 2])[None, :] - (p[:, 0] + p[:, 2])[:, None]
     dy = (g[:, 1] + g[:, 3])[None, :] - (p[:, 1] + p[:, 3])[:, None]
-    d2 = dx * dx + dy * dy
-    out: list[tuple[int, ...]] = []
-    for i in range(len(pred_boxes)):
-        # A stable sort keeps equal keys in GT index order.
-        key = -iou[i] if iou[i].max() > 0.0 else d2[i]
-        out.append(tuple(np.argsort(key, kind="stable")[:k].tolist()))
-    return tuple(out)
+    d2 = (dx * dx + dy * dy).astype(np.float64)
+    key = np.where((iou.max(axis=1) > 0.0)[:, None], -iou, d2)
+    # A stable sort keeps equal keys in GT index order.
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return tuple(tuple(row) for row in order.tolist())
 
 
 def candidate_cost_matrix(
@@ -179,21 +184,33 @@ def candidate_cost_matrix(
     if not preds or not gts:
         return cost, 0, 0
     resolution = settings.maskiou_resolution
-    gt_masks: dict[int, npt.NDArray[np.bool_] | None] = {}  # rasterised once, only when a candidate
-    rejections = 0
-    pairs = 0
-    for i, cands in enumerate(prune_candidates(pred_boxes, gt_boxes, settings.candidate_top_k)):
-        pred_mask = rasterize_shape(_canvas_flat(preds[i], pred_boxes[i]), preds[i].kind, resolution)
-        for j in cands:
-            pairs += 1
+    cands = prune_candidates(pred_boxes, gt_boxes, settings.candidate_top_k)
+    rows = np.fromiter((i for i, c in enumerate(cands) for _ in c), dtype=np.int64)
+    cols = np.fromiter((j for c in cands for j in c), dtype=np.int64)
+    iou = np.zeros(rows.shape, dtype=np.float64)
+    pred_bbox = np.fromiter((s.kind is GeometryKind.BBOX for s in preds), dtype=np.bool_, count=len(preds))
+    gt_bbox = np.fromiter((s.kind is GeometryKind.BBOX for s in gts), dtype=np.bool_, count=len(gts))
+    both_bbox = pred_bbox[rows] & gt_bbox[cols]
+    if both_bbox.any():
+        # bbox vs bbox: the rasterised masks are pixel rectangles in closed form (equal to the raster path).
+        pred_spans = box_mask_spans(pred_boxes, resolution)
+        gt_spans = box_mask_spans(gt_boxes, resolution)
+        iou[both_bbox] = span_mask_iou(pred_spans[rows[both_bbox]], gt_spans[cols[both_bbox]])
+    if not both_bbox.all():
+        pred_masks: dict[int, npt.NDArray[np.bool_] | None] = {}  # rasterised once, only when needed
+        gt_masks: dict[int, npt.NDArray[np.bool_] | None] = {}
+        for n in np.flatnonzero(~both_bbox).tolist():
+            i, j = int(rows[n]), int(cols[n])
+            if i not in pred_masks:
+                pred_masks[i] = rasterize_shape(
+                    _canvas_flat(preds[i], pred_boxes[i]), preds[i].kind, resolution
+                )
             if j not in gt_masks:
                 gt_masks[j] = rasterize_shape(_canvas_flat(gts[j], gt_boxes[j]), gts[j].kind, resolution)
-            iou = masks_iou(pred_mask, gt_masks[j])
-            if iou < settings.maskiou_gate:
-                rejections += 1
-            else:
-                cost[i, j] = 1.0 - iou
-    return cost, rejections, pairs
+            iou[n] = masks_iou(pred_masks[i], gt_masks[j])
+    accepted = iou >= settings.maskiou_gate
+    cost[rows[accepted], cols[accepted]] = 1.0 - iou[accepted]
+    return cost, int(rows.size - np.count_nonzero(accepted)), int(rows.size)
 
 
 def match_predictions(

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from domain.coord_tokens import MAX_BIN, CoordIdTable
 from domain.coordjson import (
     CONTAINER_OPENER,
+    POLY_UNSUPPORTED,
     FnInjection,
     ScannedRecord,
     ScanResult,
@@ -34,6 +35,7 @@ from domain.coordjson import (
     scan_document,
     scan_tokens,
 )
+from domain.duplicates import DEFAULT_DUPLICATE_IOU_THRESHOLD, DuplicateStats, duplicate_stats
 from domain.errors import ConfigError, DataContractError, DataProblem, InvariantViolation, StepError
 from domain.metrics_registry import STRICT_DROP_REASONS
 from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind
@@ -62,8 +64,6 @@ __all__ = [
     "scan_rollout",
 ]
 
-POLY_UNSUPPORTED = "poly_unsupported"
-"""Stage-2 AB consumer bucket of a valid polygon prediction (§4); the record stays in the prefix."""
 
 F64 = npt.NDArray[np.float64]
 I8 = npt.NDArray[np.int8]
@@ -163,13 +163,18 @@ def _multiplier(_: object, attribute: attrs.Attribute[Any], value: float) -> Non
     _number("stage2_ab.channel_b.drop_invalid_struct_ce_multiplier", value, 1.0, 4.0)
 
 
+def _duplicate_threshold(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    duplicate_stats((), value)  # the monitor owns the rule: a ConfigError naming its key
+
+
 @attrs.frozen
 class TargetSettings:
     """Settings of Channel-B target construction (config keys of stage2.md §20; defaults as the schema).
 
     ``desc_ce_weight`` is ``stage2_ab.losses.desc_ce_weight``; ``drop_invalid_struct_ce_multiplier`` is
     ``stage2_ab.channel_b.drop_invalid_struct_ce_multiplier``; both are read by Stage-2 AB only.
-    ``matching`` / ``ot`` are the ``matching`` block (§6, §11.2).
+    ``matching`` / ``ot`` are the ``matching`` block (§6, §11.2). ``duplicate_iou_threshold`` is
+    ``stage2_ab.channel_b.duplicate_monitor.iou_threshold`` (§18.7; monitor only, supervision unchanged).
     """
 
     variant: Stage2Variant = attrs.field(converter=Stage2Variant)
@@ -178,6 +183,9 @@ class TargetSettings:
     drop_invalid_struct_ce_multiplier: float = attrs.field(default=1.0, validator=_multiplier)
     matching: MatchSettings = attrs.field(factory=MatchSettings)
     ot: OTSettings = attrs.field(factory=OTSettings)
+    duplicate_iou_threshold: float = attrs.field(
+        default=DEFAULT_DUPLICATE_IOU_THRESHOLD, validator=_duplicate_threshold
+    )
 
     @property
     def is_ab(self) -> bool:
@@ -230,7 +238,12 @@ class MaskPlan:
 
 @attrs.frozen
 class ChannelBCounters:
-    """Per-sample counters (§4, §18.1, §18.4). ``drop_reasons`` carries all 10 names of §18.2, zeros included."""
+    """Per-sample counters (§4, §18.1, §18.4). ``drop_reasons`` carries all 10 names of §18.2, zeros included.
+
+    ``duplicates``: the duplicate monitor (§18.7) over the sample's valid predictions (after §4; polygons
+    are skipped by the monitor); ``domain.duplicates.summarize_duplicate_stats`` turns a step's worth
+    into the ``dup/raw/*`` keys.
+    """
 
     n_gt: int
     n_valid_pred: int
@@ -249,6 +262,7 @@ class ChannelBCounters:
     matched_maskiou_sum: float
     matched_maskiou_count: int
     prefix_coord_targets: int
+    duplicates: DuplicateStats
 
 
 @attrs.frozen(eq=False)
@@ -669,6 +683,7 @@ def construct_targets(
         matched_maskiou_sum=float(match.matched_maskiou_sum),
         matched_maskiou_count=int(match.matched_maskiou_count),
         prefix_coord_targets=sum(len(gr.positions) for gr in prefix_groups),
+        duplicates=duplicate_stats([r.to_object() for r in preds], settings.duplicate_iou_threshold),
     )
     return ChannelBTargets(
         sample=sample,

@@ -13,20 +13,28 @@
 - Beam: ``num_return_sequences = num_beams``, best beam = argmax ``sequences_scores``; sampling with ``n > 1``:
   ``num_return_sequences = n``. Response = ids after the padded prompt, cut after the first stop id, trailing stop
   and pad ids removed; pieces decoded one id at a time with special tokens kept (D11).
+- Repeat-terminate guard (§16.6, ``rollout.repeat_terminate``): :class:`RepeatTerminateProcessor`, a
+  transformers ``LogitsProcessor``, forces ``<|im_end|>`` on a sequence once
+  ``domain.repeat_terminate.repeat_terminate_reason`` holds for it. The sample's
+  ``repeat_terminate_triggered`` is that same rule asked of the finished sequence just before its first
+  stop id: the processor forced that stop iff the rule held there (it is a function of the prefix), which
+  stays true for beams, whose rows the processor cannot follow.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from adapters.hf.generation import _left_padded, cut_generation
 from domain.errors import InvariantViolation, SetupError
 from domain.prompts import PromptTexts
+from domain.repeat_terminate import RepeatTerminateSettings, records_started, repeat_terminate_reason
 from ports.rollout import (
     RolloutDecoding,
     RolloutRequest,
@@ -109,6 +117,85 @@ def strip_response(ids: Sequence[int], stop_ids: Collection[int], pad_id: int) -
     return tuple(kept), finish
 
 
+def _piece_memo(piece: Callable[[int], str]) -> Callable[[int], str]:
+    memo: dict[int, str] = {}
+
+    def cached(token_id: int) -> str:
+        text = memo.get(token_id)
+        if text is None:
+            text = memo[token_id] = piece(token_id)
+        return text
+
+    return cached
+
+
+class RepeatTerminateProcessor(LogitsProcessor):  # type: ignore[misc]
+    """§16.6 as a transformers ``LogitsProcessor``: a row whose generation (ids after the padded prompt
+    width) meets ``repeat_terminate_reason`` gets every logit ``-inf`` but ``end_id``'s (0), so its next
+    token is the end of turn under greedy, sampling and beam search alike. Rows that already hold a stop
+    id are finished and left alone. ``fired`` counts the rows it forced (beams included).
+    ``piece`` decodes one id (needed only with ``max_objects``, to count ``"desc": `` in the text)."""
+
+    def __init__(
+        self,
+        settings: RepeatTerminateSettings,
+        *,
+        prompt_width: int,
+        end_id: int,
+        stop_ids: Collection[int],
+        piece: Callable[[int], str] | None = None,
+    ) -> None:
+        if settings.max_objects is not None and piece is None:
+            raise SetupError(
+                "rollout.repeat_terminate.max_objects needs the tokenizer to decode the generation"
+            )
+        self.settings = settings
+        self.prompt_width = int(prompt_width)
+        self.end_id = int(end_id)
+        self.stop_ids = sorted({int(i) for i in stop_ids} | {self.end_id})
+        self.piece = _piece_memo(piece) if piece is not None else None
+        self.fired = 0
+        self._texts: dict[int, tuple[list[int], str]] = {}  # row -> (generated ids, their text)
+
+    def _records(self, row: int, ids: list[int]) -> int:
+        assert self.piece is not None
+        known, text = self._texts.get(row, ([], ""))
+        if known != ids[: len(known)]:  # beam search reordered the rows: decode this one afresh
+            known, text = [], ""
+        text += "".join(self.piece(t) for t in ids[len(known) :])
+        self._texts[row] = (ids, text)
+        return records_started(text)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self.prompt_width :]
+        gen_len = int(generated.shape[1])
+        if gen_len < self.settings.min_new_tokens:
+            return scores
+        stops = torch.tensor(self.stop_ids, device=generated.device, dtype=generated.dtype)
+        finished = torch.isin(generated, stops).any(dim=1).tolist()
+        window = min(self.settings.window, gen_len)
+        tails = generated[:, gen_len - window :].tolist()
+        forced: list[int] = []
+        for row, tail in enumerate(tails):
+            if finished[row]:
+                continue
+            n_records = 0
+            if self.settings.max_objects is not None:
+                n_records = self._records(row, generated[row].tolist())
+            if repeat_terminate_reason(tail, self.settings, gen_len=gen_len, n_records=n_records) is not None:
+                forced.append(row)
+        if not forced:
+            return scores
+        self.fired += len(forced)
+        out = scores.clone()
+        rows = torch.tensor(forced, device=scores.device)
+        out[rows] = float("-inf")
+        out[rows, self.end_id] = 0.0
+        return out
+
+
 class HFRolloutBackend:
     """:class:`ports.rollout.RolloutBackend` on the live module (runs on CPU)."""
 
@@ -123,6 +210,7 @@ class HFRolloutBackend:
         device: str = "cpu",
         batch_size: int = 1,
         initial_version: int = 0,
+        repeat_terminate: RepeatTerminateSettings | None = None,
     ) -> None:
         if batch_size < 1:
             raise SetupError(f"rollout.hf_batch_size must be >= 1, got {batch_size}")
@@ -134,6 +222,8 @@ class HFRolloutBackend:
         self._device = device
         self._batch_size = batch_size
         self._version = int(initial_version)
+        self._repeat_terminate = repeat_terminate
+        self._piece = _piece_memo(self._tokenizer.piece)
 
     @property
     def policy_version(self) -> int:
@@ -196,6 +286,15 @@ class HFRolloutBackend:
         inputs = _left_padded(prompts, self._pad_id, self._device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype=model.dtype)
         kwargs = rollout_generate_kwargs(decoding, self._pad_id, self._stop_ids)
+        if self._repeat_terminate is not None:
+            guard = RepeatTerminateProcessor(
+                self._repeat_terminate,
+                prompt_width=int(inputs["input_ids"].shape[1]),
+                end_id=self._tokenizer.im_end_id,
+                stop_ids=self._stop_ids,
+                piece=self._piece,
+            )
+            kwargs["logits_processor"] = LogitsProcessorList([guard])
         seed = batch[0].seed if decoding.sampling else None
         with eval_mode(model), torch.no_grad():
             if seed is not None:
@@ -232,9 +331,24 @@ class HFRolloutBackend:
         ids, finish = strip_response(row, self._stop_ids, self._pad_id)
         return RolloutSample(
             response_ids=ids,
-            pieces=tuple(self._tokenizer.piece(i) for i in ids),
+            pieces=tuple(self._piece(i) for i in ids),
             finish_reason="stop" if finish == "stop" else "length",
+            repeat_terminate_triggered=self._triggered(row),
         )
+
+    def _triggered(self, row: Sequence[int]) -> bool:
+        """Whether the guard forced this sequence's end: the §16.6 rule holds just before its first stop id."""
+        settings = self._repeat_terminate
+        if settings is None:
+            return False
+        stop = next((t for t, i in enumerate(row) if i in self._stop_ids), None)
+        if stop is None:
+            return False
+        generated = list(row[:stop])
+        n_records = 0
+        if settings.max_objects is not None:
+            n_records = records_started("".join(self._piece(i) for i in generated))
+        return repeat_terminate_reason(generated, settings, n_records=n_records) is not None
 
     def close(self) -> None:
         self._module = None
@@ -245,4 +359,5 @@ class HFRolloutBackend:
             "device": self._device,
             "hf_batch_size": self._batch_size,
             "live_module": True,
+            "repeat_terminate": self._repeat_terminate is not None,
         }

@@ -17,6 +17,8 @@ class HFTokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self.hf = tokenizer
+        # piece() memo: an id's text never changes (new tokens get new ids); a rollout reuses few ids.
+        self._pieces: dict[int, str] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -27,7 +29,11 @@ class HFTokenizer:
         )
 
     def piece(self, token_id: int) -> str:
-        return self.decode([token_id])
+        """``decode([token_id])``, memoised per id (the Channel-B scan decodes every rollout id, D11)."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._pieces[int(token_id)] = self.decode([token_id])
+        return text
 
     def id_of(self, token: str) -> int:
         token_id = self.hf.convert_tokens_to_ids(token)

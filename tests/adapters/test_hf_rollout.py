@@ -20,6 +20,7 @@ from adapters.hf.encoding import HFSampleEncoder
 from adapters.hf.generation import end_of_turn_ids
 from adapters.hf.rollout import (
     HFRolloutBackend,
+    RepeatTerminateProcessor,
     eval_mode,
     rollout_generate_kwargs,
     seeded_rng,
@@ -27,6 +28,7 @@ from adapters.hf.rollout import (
 )
 from domain.errors import SetupError
 from domain.prompts import build_prompt
+from domain.repeat_terminate import RepeatTerminateSettings, repeat_terminate_reason
 from domain.rollout_plan import request_seed, seed_base
 from ports.rollout import RolloutDecoding, RolloutRequest, WeightSyncRequest
 
@@ -245,3 +247,119 @@ def test_request_without_image_size_is_a_located_error(backend: HFRolloutBackend
     bad = RolloutRequest(4, "s", "u", (str(images[0]),), GREEDY, 1, 0, 0, "train.jsonl", 12)
     with pytest.raises(SetupError, match=r"request 4 \(train.jsonl:12\)"):
         backend.generate([bad])
+
+
+# ---- repeat-terminate guard (§16.6) -----------------------------------------------------------------------
+
+
+STOP, END = 50, 51
+
+
+def forced_rows(scores: torch.Tensor) -> list[int]:
+    """Rows whose only finite logit is END's."""
+    finite = torch.isfinite(scores)
+    return [r for r in range(scores.shape[0]) if finite[r].sum() == 1 and bool(finite[r, END])]
+
+
+def test_processor_forces_exactly_the_rows_the_rule_names() -> None:
+    rng = random.Random(3)
+    rule = RepeatTerminateSettings(
+        min_new_tokens=4, max_consecutive_token_repeats=3, ngram_size=2, ngram_repeats=2
+    )
+    width = 5
+    for _ in range(200):
+        gen_len = rng.randint(0, 12)
+        rows = [[rng.randint(0, 2) for _ in range(width + gen_len)] for _ in range(4)]
+        if gen_len and rng.random() < 0.3:
+            rows[0][width + rng.randrange(gen_len)] = STOP  # a finished row is left alone
+        proc = RepeatTerminateProcessor(rule, prompt_width=width, end_id=END, stop_ids={STOP})
+        scores = torch.zeros(4, 60)
+        out = proc(torch.tensor(rows), scores)
+        expected = [
+            r for r, row in enumerate(rows)
+            if STOP not in row[width:] and repeat_terminate_reason(row[width:], rule) is not None
+        ]  # fmt: skip
+        assert forced_rows(out) == expected and proc.fired == len(expected)
+        assert torch.equal(scores, torch.zeros(4, 60)), "the input scores are not modified in place"
+        if not expected:
+            assert out is scores
+
+
+def test_processor_counts_records_across_steps_and_reordered_beams() -> None:
+    pieces = {1: '{"de', 2: 'sc": ', 3: '"a", ', 4: "x", 5: '"desc": '}
+    rule = RepeatTerminateSettings(
+        min_new_tokens=0, max_consecutive_token_repeats=99, ngram_size=50, ngram_repeats=2, max_objects=2
+    )
+    proc = RepeatTerminateProcessor(
+        rule, prompt_width=1, end_id=END, stop_ids={STOP}, piece=pieces.__getitem__
+    )
+    a, b = [0, 1, 2, 3, 4], [0, 4, 4, 4, 4]
+    assert forced_rows(proc(torch.tensor([a, b]), torch.zeros(2, 60))) == []  # one record started in row 0
+    # Beam search swaps the rows; row 1 (a's continuation) now starts its second record.
+    assert forced_rows(proc(torch.tensor([b + [4], a + [5]]), torch.zeros(2, 60))) == [1]
+    assert forced_rows(proc(torch.tensor([a + [5, 4], b + [4, 4]]), torch.zeros(2, 60))) == [0]
+    with pytest.raises(SetupError, match="max_objects"):
+        RepeatTerminateProcessor(rule, prompt_width=1, end_id=END, stop_ids={STOP})
+
+
+def guarded(tiny_loaded: Any, rule: RepeatTerminateSettings, batch_size: int = 1) -> HFRolloutBackend:
+    encoder = HFSampleEncoder(tiny_loaded.processor, tiny_loaded.tokenizer)
+    return HFRolloutBackend(
+        tiny_loaded.model, encoder, stop_ids=end_of_turn_ids(tiny_loaded), batch_size=batch_size,
+        repeat_terminate=rule,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        RepeatTerminateSettings(min_new_tokens=3, max_consecutive_token_repeats=1),  # fires at 3 tokens
+        RepeatTerminateSettings(min_new_tokens=7, max_consecutive_token_repeats=1),  # fires at 7 tokens
+        # The random tiny model repeats nothing in 12 tokens: these leave the rollout as it is.
+        RepeatTerminateSettings(
+            min_new_tokens=0, max_consecutive_token_repeats=2, ngram_size=2, ngram_repeats=2
+        ),
+        RepeatTerminateSettings(min_new_tokens=99),  # never before max_new_tokens
+    ],
+)
+def test_guard_on_the_tiny_model_cuts_the_free_rollout_where_the_rule_first_holds(
+    tiny_loaded: Any, images: list[Path], rule: RepeatTerminateSettings
+) -> None:
+    """Greedy, three prompts in one left-padded batch: each guarded response is the unguarded one cut
+    at the first length where §16.6 holds, ended by <|im_end|>, and flagged; otherwise unchanged."""
+    decoding = RolloutDecoding(max_new_tokens=12)
+    free = guarded(tiny_loaded, None, batch_size=3).generate(make_requests(images, decoding))  # type: ignore[arg-type]
+    cut = guarded(tiny_loaded, rule, batch_size=3).generate(make_requests(images, decoding))
+    for plain, result in zip(free, cut):
+        ids = list(plain.response_ids)
+        first = next(
+            (t for t in range(len(ids) + 1) if repeat_terminate_reason(ids[:t], rule) is not None), None
+        )
+        sample = result.samples[0]
+        if first is None or (first == len(ids) and plain.samples[0].finish_reason == "length"):
+            assert sample.response_ids == plain.response_ids and not sample.repeat_terminate_triggered
+        else:
+            assert sample.response_ids == tuple(ids[:first])
+            assert sample.finish_reason == "stop" and sample.repeat_terminate_triggered
+    assert not any(r.samples[0].repeat_terminate_triggered for r in free)
+
+
+def test_guard_with_beam_search_and_sampling(tiny_loaded: Any, images: list[Path]) -> None:
+    rule = RepeatTerminateSettings(min_new_tokens=2, max_consecutive_token_repeats=1)
+    backend = guarded(tiny_loaded, rule)
+    for decoding in (
+        RolloutDecoding(max_new_tokens=6, decode_mode="beam", num_beams=3),
+        RolloutDecoding(max_new_tokens=6, temperature=1.0, n=2),
+    ):
+        [result] = backend.generate(make_requests(images[:1], decoding))
+        for sample in result.samples:
+            assert len(sample.response_ids) == 2 and sample.finish_reason == "stop"
+            assert sample.repeat_terminate_triggered
+    assert backend.describe()["repeat_terminate"] is True
+
+
+def test_memoised_pieces_equal_per_id_decode(tiny_loaded: Any) -> None:
+    tok = tiny_loaded.tokenizer
+    ids = list(range(tok.vocab_size))
+    for _ in range(2):  # cold, then from the memo
+        assert [tok.piece(i) for i in ids] == [tok.decode([i]) for i in ids]

@@ -355,3 +355,94 @@ def test_pairwise_box_iou_equals_box_iou_exactly(a: list[list[int]], b: list[lis
     for i, box_a in enumerate(a):
         for j, box_b in enumerate(b):
             assert out[i, j] == box_iou(box_a, box_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The closed-form bbox mask (box_mask_spans / span_mask_iou): the matching fast path
+
+
+@st.composite
+def box_pairs(draw: st.DrawFn) -> tuple[list[int], list[int]]:
+    """Two boxes, corners in any order: random, degenerate (zero or sub-pixel extent), touching or
+    nearly touching the first, or on / beyond the canvas border (clamped)."""
+    coord = st.one_of(st.integers(0, 999), st.sampled_from([-20, 0, 1, 998, 999, 1020]))
+    a = [draw(coord) for _ in range(4)]
+    how = draw(st.sampled_from(["random", "tiny", "touching", "shifted"]))
+    if how == "random":
+        b = [draw(coord) for _ in range(4)]
+    elif how == "tiny":
+        x, y = draw(st.integers(0, 999)), draw(st.integers(0, 999))
+        b = [x, y, min(999, x + draw(st.integers(0, 3))), min(999, y + draw(st.integers(0, 3)))]
+    elif how == "touching":  # b starts where a ends, along x or y
+        x1, y1, x2, y2 = min(a[0], a[2]), min(a[1], a[3]), max(a[0], a[2]), max(a[1], a[3])
+        if draw(st.booleans()):
+            b = [x2, y1, x2 + draw(st.integers(0, 40)), y2]
+        else:
+            b = [x1, y2, x2, y2 + draw(st.integers(0, 40))]
+    else:  # a copy moved by a few bins, below or around one pixel at most resolutions
+        b = [v + draw(st.integers(-4, 4)) for v in a]
+    return a, b
+
+
+_resolutions = st.one_of(st.sampled_from([2, 3, 16, 37, 100, 256, 999, 1000]), st.integers(2, 400))
+
+
+@settings(max_examples=400, deadline=None)
+@given(box_pairs(), _resolutions)
+def test_box_spans_equal_the_raster_path_exactly(pair: tuple[list[int], list[int]], resolution: int) -> None:
+    from domain.geometry import box_mask_spans, span_mask_iou
+
+    a, b = pair
+    mask_a, mask_b = rasterize_shape(a, BBOX, resolution), rasterize_shape(b, BBOX, resolution)
+    spans = box_mask_spans([a, b], resolution)
+    for flat, mask, (c0, c1, r0, r1) in ((a, mask_a, spans[0]), (b, mask_b, spans[1])):
+        expected = np.zeros((resolution, resolution), dtype=bool)
+        expected[r0:r1, c0:c1] = True
+        assert mask is not None and (mask == expected).all(), (flat, resolution)
+    # The same float, not merely close: matching's gate and costs must not move.
+    assert float(span_mask_iou(spans[0], spans[1])) == masks_iou(mask_a, mask_b)
+    assert float(span_mask_iou(spans[0], spans[1])) == mask_iou(a, BBOX, b, BBOX, resolution)
+    pairwise = span_mask_iou(spans[:, None, :], spans[None, :, :])
+    assert pairwise.shape == (2, 2) and pairwise[0, 1] == pairwise[1, 0] == masks_iou(mask_a, mask_b)
+
+
+def test_box_spans_worked_values() -> None:
+    from domain.geometry import box_mask_spans, span_mask_iou
+
+    # stage2.md §7.4 at R = 256: the same IoU as the raster path.
+    spans = box_mask_spans([[118, 302, 421, 698], [120, 300, 420, 700]], 256)
+    assert float(span_mask_iou(spans[0], spans[1])) == mask_iou(
+        [118, 302, 421, 698], BBOX, [120, 300, 420, 700], BBOX, 256
+    )
+    # Zero width or height: an empty mask, IoU 0 even with itself.
+    empty = box_mask_spans([[5, 5, 5, 900]], 64)[0]
+    assert float(span_mask_iou(empty, empty)) == 0.0
+    # The full canvas leaves the last column and row empty, as COCO's rasteriser does.
+    assert box_mask_spans([[0, 0, 999, 999]], 64).tolist() == [[0, 63, 0, 63]]
+    with pytest.raises(GeometryError, match="resolution"):
+        box_mask_spans([[0, 0, 1, 1]], 1)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@settings(max_examples=150, deadline=None)
+@given(box_pairs(), st.sampled_from([16, 37, 100, 256]))
+def test_box_spans_equal_pycocotools(pair: tuple[list[int], list[int]], resolution: int) -> None:
+    """stage2.md §6.4 for the fast path: the closed-form bbox masks and their IoU equal pycocotools
+    ``frPyObjects`` / ``merge`` / ``iou`` on the boxes' 4-corner quads."""
+    from domain.geometry import box_mask_spans, span_mask_iou
+
+    mask_api = pytest.importorskip("pycocotools.mask")
+
+    def rle(flat: list[int]) -> object:
+        quad = bbox_to_quad(flat)
+        scaled = [min(max(float(v), 0.0), 999.0) * float(resolution - 1) / 999.0 for v in quad]
+        return mask_api.merge(mask_api.frPyObjects([scaled], resolution, resolution))
+
+    a, b = pair
+    spans = box_mask_spans([a, b], resolution)
+    expected = float(mask_api.iou([rle(a)], [rle(b)], [0])[0][0])
+    assert float(span_mask_iou(spans[0], spans[1])) == expected
+    c0, c1, r0, r1 = spans[0]
+    ours = np.zeros((resolution, resolution), dtype=bool)
+    ours[r0:r1, c0:c1] = True
+    assert (ours == mask_api.decode(rle(a)).astype(bool)).all()

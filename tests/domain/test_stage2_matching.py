@@ -378,6 +378,7 @@ def test_permuting_predictions_permutes_a_unique_optimum(
         (BinGeometry(POLY, (1, 2, 3)), r"preds\[1\]\.bins: a poly needs an even number"),
         (BinGeometry(POLY, ()), r"preds\[1\]\.bins: a poly needs an even number"),
         (BinGeometry(BBOX, (1, 2, 3.5, 4)), r"preds\[1\]\.bins\[2\]: expected an integer bin"),  # type: ignore[arg-type]
+        (BinGeometry(BBOX, (1, 2, True, 4)), r"preds\[1\]\.bins\[2\]: expected an integer bin"),
     ],
 )
 def test_bad_shapes_raise_naming_the_place(shape: BinGeometry, message: str) -> None:
@@ -417,3 +418,32 @@ def test_settings_defaults_are_the_spec_defaults() -> None:
         0.5,
         2.0,
     )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    preds=st.lists(shapes(), max_size=6),
+    gts=st.lists(shapes(), max_size=6),
+    k=st.integers(1, 7),
+    gate=st.sampled_from([0.0, 0.3, 0.7]),
+    resolution=st.sampled_from([16, 64, 256]),
+)
+def test_cost_matrix_equals_the_raster_path_exactly(
+    preds: list[BinGeometry], gts: list[BinGeometry], k: int, gate: float, resolution: int
+) -> None:
+    """bbox-vs-bbox pairs take the closed-form masks, the others the rasteriser: every cost is the
+    same float the per-pair raster path (``mask_iou`` of the canonical shapes) gives."""
+    s = MatchSettings(candidate_top_k=k, maskiou_gate=gate, maskiou_resolution=resolution)
+    cost, rejections, pairs = candidate_cost_matrix(preds, gts, s)
+    cands = prune_candidates([aabb(p) for p in preds], [aabb(g) for g in gts], k)
+    expected = np.full((len(preds), len(gts)), INF)
+    n_rejected = 0
+    for i, p in enumerate(preds):
+        for j in cands[i] if gts else ():
+            iou = mask_iou(canon(p), p.kind, canon(gts[j]), gts[j].kind, resolution)
+            if iou < gate:
+                n_rejected += 1
+            else:
+                expected[i, j] = 1.0 - iou
+    assert np.array_equal(cost, expected)
+    assert (rejections, pairs) == (n_rejected, sum(len(c) for c in cands) if gts else 0)

@@ -569,3 +569,44 @@ def test_scanner_invariant_names_the_sample() -> None:
     ids = bpe_like(ROLLOUT)
     with pytest.raises(InvariantViolation, match=r"sample_id=6 .*pieces"):
         build_channel_b_targets(ids, 0, [GT0], TargetSettings(AB), VIEW, SAMPLE, pieces=["x"])
+
+
+# ---- §18.7 duplicate monitor on the Channel-B sample ------------------------------------------
+
+
+def test_counters_carry_the_duplicate_monitor_of_the_valid_predictions() -> None:
+    """Three 'Cat' boxes alike (desc casefolded, IoU >= 0.7) form one cluster; the dropped record, the
+    polygon (poly_unsupported under AB) and a different desc do not count; supervision is unchanged."""
+    from domain.duplicates import duplicate_stats, summarize_duplicate_stats
+
+    dup = [rec("cat", 120, 300, 420, 700), rec("Cat", 121, 301, 421, 700), rec("CAT", 120, 300, 420, 700)]
+    others = [
+        rec("dog", 120, 300, 420, 700),
+        rec("cat", 120, 300, 420),  # wrong arity: dropped
+        rec("cat", 120, 300, 420, 300, 420, 700, key="poly"),  # poly_unsupported under AB
+    ]
+    text = '{"objects": [' + ", ".join(dup + others) + "]}"
+    out = build(bpe_like(text), [GT0, GT1])
+    stats = out.counters.duplicates
+    assert (stats.valid_objects, stats.pairs, stats.max_cluster_size, stats.excess_objects) == (4, 3, 3, 2)
+    assert stats.clusters == ((0, 1, 2),)  # indices into match_inputs (the valid bbox predictions)
+    preds = [
+        r.to_object()
+        for r in match_inputs(scan_rollout(bpe_like(text), None, VIEW, FieldOrder.DESC_FIRST), AB)
+    ]
+    assert stats == duplicate_stats(preds)
+    # A stricter threshold from the config key changes the figures, never the targets.
+    strict = build(bpe_like(text), [GT0, GT1], duplicate_iou_threshold=1.0)
+    assert strict.counters.duplicates.pairs == 1  # only the two identical boxes
+    assert strict.y_train == out.y_train and np.array_equal(strict.mask.classes, out.mask.classes)
+    # The step's dup/raw/* keys from the per-sample counters.
+    clean = build(bpe_like(ROLLOUT), [GT0, GT1, GT2])
+    assert clean.counters.duplicates.pairs == 0 and clean.counters.duplicates.max_cluster_size == 1
+    metrics = summarize_duplicate_stats([clean.counters.duplicates, out.counters.duplicates]).metrics()
+    assert metrics == {
+        "dup/raw/pairs": 1.5,
+        "dup/raw/max_cluster_size": 2.0,
+        "dup/raw/excess_object_frac": 2 / 6,
+    }
+    with pytest.raises(Exception, match="duplicate_monitor.iou_threshold"):
+        TargetSettings(AB, duplicate_iou_threshold=0.0)
