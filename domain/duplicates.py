@@ -112,8 +112,16 @@ def _check_threshold(iou_threshold: float) -> None:
         raise ConfigError(f"{THRESHOLD_KEY}: must be in (0, 1], got {iou_threshold!r}")
 
 
-def _canonical_box(obj: DescribedShape, where: str) -> tuple[int, int, int, int]:
+def _canonical_box(obj: DescribedShape, index: int) -> tuple[int, int, int, int]:
     bins = obj.bins
+    if len(bins) == 4:  # the common case (four plain in-range ints) checked at once
+        x1, y1, x2, y2 = bins
+        if (
+            type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int
+            and 0 <= x1 <= MAX_BIN and 0 <= y1 <= MAX_BIN and 0 <= x2 <= MAX_BIN and 0 <= y2 <= MAX_BIN
+        ):  # fmt: skip
+            return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    where = f"objects[{index}]"
     if len(bins) != 4:
         raise GeometryError(f"{where}.bins: a bbox_2d needs exactly 4 values, got {len(bins)}")
     for j, v in enumerate(bins):
@@ -125,20 +133,35 @@ def _canonical_box(obj: DescribedShape, where: str) -> tuple[int, int, int, int]
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
 
 
+_OVERLAP_SCAN = 8  # groups up to this size are pre-scanned in Python; larger ones go to numpy directly
+
+
+def _any_overlap(boxes: Sequence[tuple[int, int, int, int]]) -> bool:
+    """True when two canonical boxes share a positive area. IoU >= a threshold > 0 needs that, so a
+    group without it has no duplicate-like pair: the numpy IoU matrix is skipped, nothing changes."""
+    for a, (ax1, ay1, ax2, ay2) in enumerate(boxes):
+        for bx1, by1, bx2, by2 in boxes[a + 1 :]:
+            if min(ax2, bx2) > max(ax1, bx1) and min(ay2, by2) > max(ay1, by1):
+                return True
+    return False
+
+
 def duplicate_stats(
     objects: Sequence[DescribedShape], iou_threshold: float = DEFAULT_DUPLICATE_IOU_THRESHOLD
 ) -> DuplicateStats:
     """§18.7 for one rollout: duplicate-like pairs, clusters and excess objects of its bbox objects."""
     _check_threshold(iou_threshold)
     index = [i for i, o in enumerate(objects) if o.kind is GeometryKind.BBOX]
-    boxes = [_canonical_box(objects[i], f"objects[{i}]") for i in index]
+    boxes = [_canonical_box(objects[i], i) for i in index]
     groups: dict[str, list[int]] = {}
     for local, i in enumerate(index):
         groups.setdefault(duplicate_desc_key(objects[i].desc), []).append(local)
     rows: list[int] = []
     cols: list[int] = []
     for members in groups.values():
-        if len(members) < 2:
+        if len(members) < 2 or (
+            len(members) <= _OVERLAP_SCAN and not _any_overlap([boxes[m] for m in members])
+        ):
             continue
         iou = pairwise_box_iou([boxes[m] for m in members], [boxes[m] for m in members])
         first, second = np.nonzero(np.triu(iou >= iou_threshold, k=1))
@@ -206,6 +229,15 @@ def summarize_duplicates(
             items.append(duplicate_stats(objects, iou_threshold))
         except GeometryError as exc:
             raise GeometryError(f"rollouts[{k}].{exc}") from None
+    return summarize_duplicate_stats(items, iou_threshold)
+
+
+def summarize_duplicate_stats(
+    items: Sequence[DuplicateStats], iou_threshold: float = DEFAULT_DUPLICATE_IOU_THRESHOLD
+) -> DuplicateSummary:
+    """Per-rollout figures already computed (e.g. each Channel-B sample's ``counters.duplicates``),
+    combined as :func:`summarize_duplicates` does; ``iou_threshold`` is the one they were computed with."""
+    _check_threshold(iou_threshold)
     n = len(items)
     valid = sum(s.valid_objects for s in items)
     excess = sum(s.excess_objects for s in items)

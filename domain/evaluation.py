@@ -436,6 +436,24 @@ def _prediction_score(obj: object, mode: ScoreMode, path: str, line: int) -> flo
     return float(value)  # type: ignore[arg-type]
 
 
+def _plain_pixel_box(obj: object, last_x: int, last_y: int) -> tuple[int, int, int, int] | None:
+    """The common object in a pixel record, checked in one expression: a ``bbox_2d`` of four plain ints
+    inside the image with ``x1 <= x2`` and ``y1 <= y2``; None sends the object through the full checks
+    (:func:`validate_gt_object`, :func:`validate_prediction`), which decide everything else as before."""
+    if type(obj) is not dict or obj.get("type") != "bbox_2d":
+        return None
+    points = obj.get("points")
+    if type(points) is not list or len(points) != 4:
+        return None
+    x1, y1, x2, y2 = points
+    if (
+        type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int
+        and 0 <= x1 <= x2 <= last_x and 0 <= y1 <= y2 <= last_y
+    ):  # fmt: skip
+        return (x1, y1, x2, y2)
+    return None
+
+
 def prepare_record(
     record: Mapping[str, Any], *, image_id: int, path: str, line: int, score_mode: ScoreMode
 ) -> EvalImage:
@@ -463,13 +481,31 @@ def prepare_record(
         raise DataContractError(problems)
     assert isinstance(image, str) and isinstance(width, int) and isinstance(height, int)
     space = CoordSpace(mode)
-    gt = tuple(
-        validate_gt_object(obj, i, width, height, space, path, line) for i, obj in enumerate(record["gt"])
-    )
+    pixel = space is CoordSpace.PIXEL
+    last_x, last_y = width - 1, height - 1
+    gt_objects: list[EvalObject] = []
+    for i, obj in enumerate(record["gt"]):
+        box = _plain_pixel_box(obj, last_x, last_y) if pixel else None
+        desc = obj.get("desc") if box is not None else None
+        if box is not None and isinstance(desc, str) and desc.strip():
+            gt_objects.append(EvalObject(_BBOX, box, desc.strip(), None))
+        else:
+            gt_objects.append(validate_gt_object(obj, i, width, height, space, path, line))
+    gt = tuple(gt_objects)
     preds: list[EvalObject] = []
     invalid: list[InvalidPrediction] = []
+    constant = score_mode is ScoreMode.CONSTANT
     for i, obj in enumerate(record["pred"]):
-        score = _prediction_score(obj, score_mode, path, line)
+        box = _plain_pixel_box(obj, last_x, last_y) if pixel else None
+        value = 1.0 if constant else obj.get("score") if box is not None else None
+        if type(value) is float and 0.0 <= value <= 1.0:
+            score = value
+        else:
+            score = _prediction_score(obj, score_mode, path, line)
+        if box is not None and box[0] < box[2] and box[1] < box[3]:
+            desc = obj.get("desc")
+            preds.append(EvalObject(_BBOX, box, desc.strip() if isinstance(desc, str) else "", score))
+            continue
         outcome = validate_prediction(obj, width, height, space, score)
         if isinstance(outcome, str):
             invalid.append(InvalidPrediction(i, outcome, obj))
@@ -660,14 +696,19 @@ def canonical_coco_gt(gt: Mapping[str, Any], source: str = "coco_gt_json") -> di
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
             raise ArtifactError(f"{source}: '{key}' must be a list")
+    # a plain int id is kept as is without formatting the error location (canonical_coco_id would keep it too)
     images = [
-        {**img, "id": canonical_coco_id(img.get("id"), f"{source}: images[{i}].id")}
+        {
+            **img,
+            "id": v if type(v := img.get("id")) is int else canonical_coco_id(v, f"{source}: images[{i}].id"),
+        }
         for i, img in enumerate(gt["images"])
     ]
     annotations = [
-        {**ann, "image_id": canonical_coco_id(ann.get("image_id"), f"{source}: annotations[{i}].image_id")}
+        {**ann, "image_id": v if type(v := ann.get("image_id")) is int
+         else canonical_coco_id(v, f"{source}: annotations[{i}].image_id")}
         for i, ann in enumerate(gt["annotations"])
-    ]
+    ]  # fmt: skip
     out = dict(gt)
     out["images"] = images
     out["annotations"] = annotations
@@ -699,6 +740,12 @@ def rebuilt_coco_gt(
             {"id": image.image_id, "file_name": image.file_name, "width": image.width, "height": image.height}
         )
         for obj in image.gt:
+            if obj.kind is _BBOX and not with_segmentation:  # the common annotation, built at once
+                x1, y1, x2, y2 = obj.points
+                annotations.append({"id": len(annotations) + 1, "image_id": image.image_id,
+                                    "category_id": by_name[obj.desc], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                    "iscrowd": 0, "area": float((x2 - x1) * (y2 - y1))})  # fmt: skip
+                continue
             ann: dict[str, Any] = {
                 "id": len(annotations) + 1,
                 "image_id": image.image_id,
@@ -730,13 +777,17 @@ def coco_prediction(
     scale: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """One ``coco_preds.json`` entry; ``scale = (W_off / W_rec, H_off / H_rec)`` for an official GT."""
+    assert obj.score is not None
+    if scale is None and obj.kind is _BBOX:  # the common entry, built at once (the same values)
+        x1, y1, x2, y2 = obj.points
+        return {"image_id": coco_image_id, "category_id": category_id, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": obj.score}  # fmt: skip
     xyxy: list[float] = list(obj.bbox_xyxy())
     ring: list[float] = list(obj.points)
     if scale is not None:
         sx, sy = scale
         xyxy = [v * (sx if j % 2 == 0 else sy) for j, v in enumerate(xyxy)]
         ring = [v * (sx if j % 2 == 0 else sy) for j, v in enumerate(ring)]
-    assert obj.score is not None
     out: dict[str, Any] = {
         "image_id": coco_image_id,
         "category_id": category_id,

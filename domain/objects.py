@@ -28,7 +28,7 @@ class Ordering(str, enum.Enum):
 
 
 def _bins_tuple(values: object) -> tuple[int, ...]:
-    return tuple(int(v) for v in values)  # type: ignore[attr-defined]
+    return tuple(map(int, values))  # type: ignore[call-overload]
 
 
 @attrs.frozen

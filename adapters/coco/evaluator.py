@@ -38,13 +38,8 @@ def _quiet(*_args: object, **_kwargs: object) -> None:
 
 def _copy_gt(gt: Mapping[str, Any]) -> dict[str, Any]:
     """Canonical integer ids, fresh image / annotation dicts (the libraries write into them)."""
-    canonical = canonical_coco_gt(gt)
-    return {
-        **canonical,
-        "images": [dict(img) for img in canonical["images"]],
-        "annotations": [dict(ann) for ann in canonical["annotations"]],
-        "categories": [dict(cat) for cat in canonical["categories"]],
-    }
+    canonical = canonical_coco_gt(gt)  # its image and annotation dicts are new already: not copied twice
+    return {**canonical, "categories": [dict(cat) for cat in canonical["categories"]]}
 
 
 class LibraryCocoEvaluator:

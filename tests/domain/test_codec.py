@@ -282,3 +282,53 @@ def test_acceptance_7_flat_helpers_preserve_order_and_pairing(case: tuple[int, i
     pixels = bins_to_pixels(bins, w, h)
     for j, k in enumerate(bins):
         assert pixels[j] == bin_to_pixel(k, w if j % 2 == 0 else h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The integer fast path of pixels_to_bins equals the exact Fraction codec (pixel_to_bin)
+
+
+def _tie_pixels(size: int) -> list[int]:
+    """Pixels of an axis whose ``v * 999 / d`` is exactly a half-integer (the round-half-even ties)."""
+    d = max(1, size - 1)
+    return [v for v in range(size) if 2 * (v * 999 % d) == d]
+
+
+@given(st.integers(1, 10_000), st.integers(1, 10_000), st.data())
+def test_int_fast_path_equals_the_exact_codec(width: int, height: int, data: st.DataObject) -> None:
+    xs = data.draw(st.lists(st.integers(0, width - 1), min_size=1, max_size=6))
+    ys = data.draw(st.lists(st.integers(0, height - 1), min_size=len(xs), max_size=len(xs)))
+    tie_x, tie_y = _tie_pixels(width), _tie_pixels(height)
+    if tie_x:  # make sure the round-half-even ties are drawn, not left to chance
+        xs[0] = data.draw(st.sampled_from(tie_x))
+    if tie_y:
+        ys[-1] = data.draw(st.sampled_from(tie_y))
+    xs += [0, width - 1]
+    ys += [0, height - 1]
+    flat = [c for pair in zip(xs, ys) for c in pair]
+    exact = [pixel_to_bin(v, width if j % 2 == 0 else height) for j, v in enumerate(flat)]
+    assert codec.int_pixels_to_bins(flat, width, height) == exact
+    assert pixels_to_bins(flat, width, height) == exact
+
+
+def test_int_fast_path_equals_the_exact_codec_on_every_pixel_of_small_and_tie_rich_sizes() -> None:
+    ties = 0
+    for size in [*range(1, 130), 1000, 1001, 1999, 2000, 2001, 10_000]:
+        pixels = list(range(size))
+        exact = [pixel_to_bin(v, size) for v in pixels]
+        assert codec.int_pixels_to_bins([c for v in pixels for c in (v, v)], size, size) == [
+            c for k in exact for c in (k, k)
+        ]
+        ties += len(_tie_pixels(size))
+    assert ties > 50  # the sweep really crosses ties (size 3, pixel 1: 499.5 -> 500)
+
+
+@pytest.mark.parametrize(
+    ("flat", "size"),
+    [([0, 0, 1.0, 2], (10, 10)), ([0, True, 1, 2], (10, 10)), ([0, 0, 10, 2], (10, 10)),
+     ([0, -1, 1, 2], (10, 10)), ([0, 0, 1], (10, 10)), ([0, 0], (0, 10)), ([0, 0], (True, 10))],
+)  # fmt: skip
+def test_int_fast_path_leaves_everything_else_to_the_exact_path(
+    flat: list[object], size: tuple[int, int]
+) -> None:
+    assert codec.int_pixels_to_bins(flat, *size) is None

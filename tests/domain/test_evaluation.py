@@ -47,6 +47,7 @@ from domain.evaluation import (
     primary_f1ish_threshold,
     rebuilt_coco_gt,
     semantic_report,
+    validate_gt_object,
     validate_prediction,
 )
 from domain.objects import GeometryKind
@@ -604,3 +605,75 @@ def test_semantic_threshold_boundary_is_inclusive_everywhere(cosine: float, acce
     res = f1ish_image(img, box_iou_matrix(img.preds, img.gt), 0.5, [True], sim, 0.6)
     assert [(m.sem_sim, m.sem_ok) for m in res.matches] == [(cosine, accepted)]
     assert (res.tp_full, res.fp_full, res.fn_full) == ((1, 0, 0) if accepted else (0, 1, 1))
+
+
+# The one-expression check of plain pixel boxes in prepare_record decides exactly as the full checks.
+
+
+@st.composite
+def _pixel_record(draw: st.DrawFn) -> tuple[int, int, list[object], list[object]]:
+    """Small images and objects that sit on every boundary of the plain-box check: coordinates at -1,
+    0, the last pixel and one beyond, equal and inverted corners, other types and shapes, bad descs."""
+    w, h = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    odd = st.sampled_from([True, 1.0, 2.5, "3", None, [1]])
+
+    def obj() -> object:
+        if draw(st.integers(0, 9)) == 0:
+            return draw(st.sampled_from([None, [], "bbox", 3]))
+        xs = [draw(st.integers(-1, w)) for _ in range(2)]
+        ys = [draw(st.integers(-1, h)) for _ in range(2)]
+        points: list[object] = [xs[0], ys[0], xs[1], ys[1]]
+        if draw(st.integers(0, 5)) == 0:
+            points[draw(st.integers(0, 3))] = draw(odd)
+        if draw(st.integers(0, 7)) == 0:
+            points = points[: draw(st.integers(0, 3))] + draw(st.lists(st.integers(0, 3), max_size=4))
+        out: dict[str, object] = {
+            "type": draw(st.sampled_from(["bbox_2d"] * 6 + ["poly", "box", 1])), "points": points,
+            "score": draw(st.sampled_from([0.5, 1.0, 0.0])),
+        }  # fmt: skip
+        desc = draw(st.sampled_from(["cat", " dog ", "cat", "", "  ", 7, None]))
+        if desc is not None:
+            out["desc"] = desc
+        return out
+
+    n_gt, n_pred = draw(st.integers(0, 2)), draw(st.integers(0, 4))
+    return w, h, [obj() for _ in range(n_gt)], [obj() for _ in range(n_pred)]
+
+
+def _reference_record(rec: dict[str, object], w: int, h: int) -> tuple[object, object]:
+    """What prepare_record must give, from the full per-object checks alone."""
+    gt: object
+    try:
+        gt = tuple(validate_gt_object(o, i, w, h, CoordSpace.PIXEL, "p", 1) for i, o in enumerate(rec["gt"]))  # type: ignore[arg-type]
+    except DataContractError as exc:
+        gt = str(exc)
+    preds = []
+    for o in rec["pred"]:  # type: ignore[attr-defined]
+        score = float(o["score"]) if isinstance(o, dict) and "score" in o else None
+        preds.append(
+            validate_prediction(o, w, h, CoordSpace.PIXEL, score) if score is not None else "no score"
+        )
+    return gt, preds
+
+
+@settings(max_examples=400)
+@given(_pixel_record())
+def test_prepare_record_fast_path_decides_like_the_full_checks(
+    case: tuple[int, int, list[object], list[object]],
+) -> None:
+    w, h, gt, pred = case
+    rec = {"image": "a.jpg", "width": w, "height": h, "coord_mode": "pixel", "gt": gt, "pred": pred}
+    ref_gt, ref_preds = _reference_record(rec, w, h)
+    if isinstance(ref_gt, str):  # ground truth is checked first
+        with pytest.raises(DataContractError) as info:
+            prepare_record(rec, image_id=0, path="p", line=1, score_mode=ScoreMode.TOKEN_PROB)
+        assert str(info.value) == ref_gt
+        return
+    if "no score" in ref_preds:
+        with pytest.raises(ArtifactError):
+            prepare_record(rec, image_id=0, path="p", line=1, score_mode=ScoreMode.TOKEN_PROB)
+        return
+    img = prepare_record(rec, image_id=0, path="p", line=1, score_mode=ScoreMode.TOKEN_PROB)
+    assert img.gt == ref_gt
+    assert img.preds == tuple(p for p in ref_preds if isinstance(p, EvalObject))
+    assert [b.reason for b in img.invalid_preds] == [p for p in ref_preds if isinstance(p, str)]
