@@ -29,7 +29,6 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
 import attrs
 
@@ -37,41 +36,10 @@ from application import wiring
 from application.cli import run_entry_point
 from application.config import LoadedConfig, check_local_paths, load_config, write_resolved_config
 from domain.errors import ConfigError
+from ports.vocabulary import ExpansionSummary, VocabularyExpander
 
 ENTRY_POINT = "application.expand_vocab"
 RESOLVED_KIND = "expand_vocab"
-
-
-class ExpansionSummary(Protocol):
-    """What an expander reports (adapters.hf.vocab.ExpansionReport)."""
-
-    @property
-    def tokens_before(self) -> int: ...
-
-    @property
-    def tokens_after(self) -> int: ...
-
-    @property
-    def rows_after(self) -> int: ...
-
-    @property
-    def tied(self) -> bool: ...
-
-    @property
-    def wildcard_id(self) -> int: ...
-
-    @property
-    def coord_ids(self) -> tuple[int, ...]: ...
-
-    def to_json(self) -> dict[str, Any]: ...
-
-
-class VocabularyExpander(Protocol):
-    """Expands ``source`` into the empty directory ``output`` (adapters.hf.vocab.expand_checkpoint)."""
-
-    def __call__(
-        self, source: str | os.PathLike[str], output: str | os.PathLike[str], *, dtype: str = ...
-    ) -> ExpansionSummary: ...
 
 
 @attrs.frozen
@@ -129,7 +97,8 @@ def expand_vocab(loaded: LoadedConfig, expander: VocabularyExpander | None = Non
         expander = wiring.make_vocabulary_expander()
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # not mkdtemp: the expanded model gets the umask's mode, not 0700 (issue 11 item 14)
-    staging = wiring.make_artifact_store().make_staging_directory(run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial")
+    store = wiring.make_artifact_store()
+    staging = store.make_staging_directory(run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial")
     try:
         summary = expander(source, staging, dtype=model.dtype)
         write_resolved_config(
@@ -137,6 +106,7 @@ def expand_vocab(loaded: LoadedConfig, expander: VocabularyExpander | None = Non
             staging,
             kind=RESOLVED_KIND,
             extra={"run_dir": str(run_dir), "expansion": summary.to_json()},
+            store=store,
         )
         if run_dir.exists():
             raise ConfigError(f"run directory {run_dir} appeared while expanding; the result was discarded")

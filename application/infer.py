@@ -74,10 +74,18 @@ from domain.inference import (
 )
 from domain.prompts import PromptTexts, build_prompt
 from domain.records import Record
-from ports.generation import DecodingSettings, Generation, GenerationBackend, GenerationRequest
+from ports.generation import (
+    DecodingSettings,
+    EngineRequest,
+    Generation,
+    GenerationBackend,
+    GenerationEngine,
+    GenerationRequest,
+    VllmEngineSettings,
+    VllmLaunchSettings,
+)
 from ports.provenance import ProvenanceCollector
 from ports.storage import ArtifactStore, ImageStore
-from ports.tokenizer import TokenizerPort
 
 ENTRY_POINT = "application.infer"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -164,23 +172,51 @@ def infer_image_root(config: CoordExpConfig) -> ImageRootChoice:
 # --------------------------------------------------------------------------------------------
 
 
-@attrs.frozen(eq=False)
-class GenerationEngine:
-    """A ready backend plus what per-sample processing needs from the checkpoint's tokenizer."""
+def engine_request(config: CoordExpConfig, checkpoint: Path, image_root: Path, run_dir: Path) -> EngineRequest:
+    """``model`` / ``infer`` / ``data.max_pixels`` / ``run.seed`` -> what opening a backend needs (§2.6).
 
-    backend: GenerationBackend
-    tokenizer: TokenizerPort
-    stop_ids: frozenset[int]
-
-
-@attrs.frozen(eq=False)
-class EngineRequest:
-    """What opening a backend needs: the config, the checkpoint directory, the image root, the run dir."""
-
-    config: CoordExpConfig
-    checkpoint: Path
-    image_root: Path
-    run_dir: Path
+    The fallbacks live here: ``infer.vllm.served_model_name`` (the vLLM model path), ``client_concurrency``
+    (``infer.generation.batch_size``), the vLLM model path (``model.path``, else the checkpoint).
+    """
+    model, infer, run = config.model, config.infer, config.run
+    assert model is not None and run is not None  # load_config(entry_point="infer") requires them
+    vllm, launch = infer.vllm, infer.vllm.launch
+    model_path = str(model.path) if model.path is not None else str(checkpoint)
+    return EngineRequest(
+        backend=infer.backend,
+        checkpoint=checkpoint,
+        image_root=image_root,
+        run_dir=run_dir,
+        model_path=model_path,
+        dtype=model.dtype,
+        attn_implementation=model.attn_implementation,
+        device=infer.device,
+        seed=run.seed,
+        max_pixels=config.data.max_pixels,
+        vllm=VllmEngineSettings(
+            mode=vllm.mode,
+            base_url=vllm.base_url,
+            served_model_name=vllm.served_model_name if vllm.served_model_name is not None else model_path,
+            request_timeout_s=vllm.request_timeout_s,
+            preflight_timeout_s=vllm.preflight_timeout_s,
+            client_concurrency=(
+                vllm.client_concurrency if vllm.client_concurrency is not None else infer.generation.batch_size
+            ),
+            auto_launch=vllm.auto_launch,
+            trust_remote_code=vllm.trust_remote_code,
+            launch=VllmLaunchSettings(
+                tensor_parallel_size=launch.tensor_parallel_size,
+                data_parallel_size=launch.data_parallel_size,
+                gpu_memory_utilization=launch.gpu_memory_utilization,
+                max_model_len=launch.max_model_len,
+                max_num_batched_tokens=launch.max_num_batched_tokens,
+                max_num_seqs=launch.max_num_seqs,
+                enable_prefix_caching=launch.enable_prefix_caching,
+                enforce_eager=launch.enforce_eager,
+                startup_timeout_s=launch.startup_timeout_s,
+            ),
+        ),
+    )
 
 
 @attrs.frozen(eq=False)
@@ -610,7 +646,7 @@ def run_infer_stage(
             summary = build_summary(config, lines, records_total=total, model_path=inputs.model_path, facts={},
                                     image_root=inputs.image_root.path, resumed_from_index=None,
                                     fingerprint=inputs.fingerprint)  # fmt: skip
-            write_json_atomic(paths.summary, summary)
+            write_json_atomic(paths.summary, summary, deps.artifacts)
             deps.echo(f"infer stage: rebuilt {paths.summary} from the artifact")
         return InferOutcome("skipped", total, {}, None)
 
@@ -629,7 +665,7 @@ def run_infer_stage(
         paths.partial.touch()
     if state.start < total:
         engine = deps.open_engine(
-            EngineRequest(config, inputs.checkpoint, inputs.image_root.path, paths.run_dir)
+            engine_request(config, inputs.checkpoint, inputs.image_root.path, paths.run_dir)
         )
         try:
             scan = token_scanner(engine.tokenizer, data.field_order, data.coord_mode, engine.stop_ids)
@@ -684,7 +720,7 @@ def run_infer_stage(
     summary = build_summary(config, lines, records_total=total, model_path=inputs.model_path, facts=facts,
                             image_root=inputs.image_root.path, resumed_from_index=state.resumed_from_index,
                             fingerprint=inputs.fingerprint)  # fmt: skip
-    write_json_atomic(paths.summary, summary)
+    write_json_atomic(paths.summary, summary, deps.artifacts)
     deps.artifacts.replace(paths.partial, paths.artifact)
     return InferOutcome(
         "resumed" if state.status == "resume" else "ran", len(lines), facts, state.resumed_from_index
@@ -785,7 +821,7 @@ def run_pipeline(loaded: LoadedConfig, deps: InferDependencies) -> PipelineOutco
         },
         "prompt": {"variant": config.prompt.variant, "field_order": config.data.field_order.value},
     }
-    write_resolved_config(loaded, paths.run_dir, kind="infer_pipeline", extra=extra)
+    write_resolved_config(loaded, paths.run_dir, kind="infer_pipeline", extra=extra, store=deps.artifacts)
     if stages.infer and paths.artifact_outside_run_dir:
         _write_pointer(paths, deps.artifacts)
     written = {"resolved_config": paths.resolved_config, "run_metadata": paths.run_metadata}

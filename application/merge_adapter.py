@@ -64,7 +64,7 @@ def planned_paths(loaded: LoadedConfig) -> tuple[Path, Path]:
         )
     check_local_paths(config, entry_point="merge_adapter")
     source = Path(config.model.path)
-    problem = incomplete_checkpoint_problem(source)
+    problem = incomplete_checkpoint_problem(source, wiring.make_checkpoint_store())
     if problem is not None:
         raise ConfigError(problem)
     if not (source / ADAPTER_CONFIG).is_file():
@@ -132,8 +132,8 @@ def merge_adapter(loaded: LoadedConfig, merger: AdapterMerger | None = None) -> 
     base = resolve_base(adapter)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # not mkdtemp: the merged model gets the umask's mode, not 0700 (issue 11 item 14)
-    staging = wiring.make_artifact_store().make_staging_directory(run_dir.parent, prefix=f".{run_dir.name}.",
-                                                                   suffix=".partial")  # fmt: skip
+    store = wiring.make_artifact_store()
+    staging = store.make_staging_directory(run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial")
     try:
         report = merger.merge(MergeRequest(adapter=adapter, base_dir=base, output_dir=staging, dtype=model.dtype))
         write_resolved_config(
@@ -141,6 +141,7 @@ def merge_adapter(loaded: LoadedConfig, merger: AdapterMerger | None = None) -> 
             staging,
             kind=RESOLVED_KIND,
             extra={"run_dir": str(run_dir), "merge": report.to_json(), "training": _training_record(source)},
+            store=store,
         )
         if run_dir.exists():
             raise ConfigError(f"run directory {run_dir} appeared while merging; the result was discarded")

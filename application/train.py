@@ -1,8 +1,13 @@
 """``python -m application.train --config FILE``: Stage-1 training (stage1.md; D8, D12, D14, D15).
 
 Run order: config (errors before anything else) -> every record and image validated -> run directory
-checks -> resolved_config.json, run_metadata.json, metric_registry.json -> model checkpoint (a local
-``model.path`` or the embedded tiny model) -> the training engine -> finished_at.
+checks (lock, resume) -> model checkpoint (a local ``model.path`` or the embedded tiny model) -> the engine's
+``prepare`` (sample lengths, over-long samples, the pack plans: tokenizer only, no model) -> resolved_config.json,
+run_metadata.json, metric_registry.json, logging.jsonl -> the engine's ``run`` (writes the pack plan files,
+loads the model, trains) -> finished_at.
+
+Every check that can fail before step 1 without the model runs before the first run file is written
+(issue 11 item 3): a run that fails there leaves its run directory as it found it.
 """
 
 from __future__ import annotations
@@ -16,13 +21,21 @@ from pathlib import Path
 
 from application import wiring
 from application.cli import run_entry_point
-from application.config import CoordExpConfig, LoadedConfig, check_local_paths, load_config, resolved_sha256, write_resolved_config
-from application.datasets import LoadedSplit, load_split
+from application.config import (
+    RESOLVED_CONFIG_FILENAME,
+    CoordExpConfig,
+    LoadedConfig,
+    check_local_paths,
+    load_config,
+    resolved_sha256,
+    write_resolved_config,
+)
+from application.datasets import load_split
 from application.provenance import build_run_metadata, mark_finished
 from domain.errors import ConfigError, DataContractError
 from domain.metrics_registry import registry_snapshot
 from ports.metrics import MetricSink
-from ports.training import TrainingEngine, TrainingJob, TrainingOutcome
+from ports.training import PreparedTraining, TrainingEngine, TrainingJob, TrainingOutcome
 
 ENTRY_POINT = "application.train"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -85,10 +98,11 @@ def resume_checkpoint(run_dir: Path, requested: str | None, *, check_fresh: bool
     """
     from application.checkpoints import checkpoint_problem, complete_checkpoints, latest_usable_checkpoint
 
+    store = wiring.make_checkpoint_store()
     if requested is None:
         if not check_fresh:
             return None
-        names = [p.name for p in complete_checkpoints(run_dir)] if run_dir.exists() else []
+        names = [p.name for p in complete_checkpoints(run_dir, store)] if run_dir.exists() else []
         logged = logged_steps(run_dir / "logging.jsonl")
         if names or logged:
             held = names + ([f"logging.jsonl (steps up to {logged})"] if logged else [])
@@ -98,7 +112,7 @@ def resume_checkpoint(run_dir: Path, requested: str | None, *, check_fresh: bool
             )
         return None
     if requested == "latest":
-        complete = complete_checkpoints(run_dir)
+        complete = complete_checkpoints(run_dir, store)
         if not complete:
             if check_fresh:
                 warnings.warn(
@@ -109,14 +123,14 @@ def resume_checkpoint(run_dir: Path, requested: str | None, *, check_fresh: bool
                 )
             return None
         # a complete checkpoint whose files no longer match its marker is skipped with a warning (issue 11 item 5)
-        return latest_usable_checkpoint(run_dir, "training.resume_from_checkpoint")
+        return latest_usable_checkpoint(run_dir, "training.resume_from_checkpoint", store)
     path = Path(requested)
     if not (path / "checkpoint_complete.json").is_file():
         raise ConfigError(
             f"'training.resume_from_checkpoint' = {requested!r} is not a complete checkpoint "
             "(no checkpoint_complete.json)"
         )
-    problem = checkpoint_problem(path, "training.resume_from_checkpoint")
+    problem = checkpoint_problem(path, "training.resume_from_checkpoint", store)
     if problem is not None:
         raise ConfigError(problem)
     return path
@@ -154,11 +168,25 @@ def train(loaded: LoadedConfig, engine: TrainingEngine | None = None) -> Trainin
     is_main = process_rank() == 0
     run_dir = run_dir_of(config)
     resume = resume_checkpoint(run_dir, config.training.resume_from_checkpoint, check_fresh=is_main)
+    if engine is None:
+        engine = wiring.make_training_engine(config)
+    job = TrainingJob(
+        config=config,
+        run_dir=run_dir,
+        model_path=wiring.resolve_model_checkpoint(config.model),
+        train_records=tuple(train_split.records),
+        train_images=train_split.images,
+        val_records=tuple(val_split.records) if val_split is not None else None,
+        val_images=val_split.images if val_split is not None else None,
+        resolved_config_path=run_dir / RESOLVED_CONFIG_FILENAME,
+        resume_from=resume,
+    )
+    # Lengths, over-long samples and the pack plan fail here, before any run file (issue 11 item 3).
+    prepared = engine.prepare(job)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not is_main:
-        return _run_engine(loaded, engine, run_dir, run_dir / "resolved_config.json", wiring.make_null_metric_sink(),
-                           train_split, val_split, resume)
-    resolved_path = write_resolved_config(loaded, run_dir, kind="train")
+        return _run_engine(engine, job, prepared, wiring.make_null_metric_sink())
+    write_resolved_config(loaded, run_dir, kind="train", store=artifacts)
     collector = wiring.make_provenance_collector()
     metadata = build_run_metadata(
         kind="train",
@@ -187,41 +215,16 @@ def train(loaded: LoadedConfig, engine: TrainingEngine | None = None) -> Trainin
     start_step = _checkpoint_step(resume) if resume is not None else 0
     discard_incomplete_checkpoints(run_dir, after_step=start_step)
     sink = wiring.make_metric_sink(run_dir / "logging.jsonl", resume_step=start_step)
-    outcome = _run_engine(loaded, engine, run_dir, resolved_path, sink, train_split, val_split, resume)
+    outcome = _run_engine(engine, job, prepared, sink)
     artifacts.write_json(run_dir / "run_metadata.json", mark_finished(metadata, collector))
     return outcome
 
 
 def _run_engine(
-    loaded: LoadedConfig,
-    engine: TrainingEngine | None,
-    run_dir: Path,
-    resolved_path: Path,
-    sink: MetricSink,
-    train_split: LoadedSplit,
-    val_split: LoadedSplit | None,
-    resume: Path | None,
+    engine: TrainingEngine, job: TrainingJob, prepared: PreparedTraining, sink: MetricSink
 ) -> TrainingOutcome:
-    config = loaded.config
-    assert config.model is not None
-    model_path = wiring.resolve_model_checkpoint(config.model)
-    if engine is None:
-        engine = wiring.make_training_engine(config)
     try:
-        return engine.run(
-            TrainingJob(
-                config=config,
-                run_dir=run_dir,
-                model_path=model_path,
-                train_records=tuple(train_split.records),
-                train_images=train_split.images,
-                val_records=tuple(val_split.records) if val_split is not None else None,
-                val_images=val_split.images if val_split is not None else None,
-                resolved_config_path=resolved_path,
-                metric_sink=sink,
-                resume_from=resume,
-            )
-        )
+        return engine.run(job, prepared, sink)
     finally:
         sink.close()
 

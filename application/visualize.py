@@ -289,6 +289,8 @@ def _fmt(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
+        if value == -1.0:  # COCO's -1: nothing to measure (e.g. no small objects)
+            return "undefined"
         return "nan" if math.isnan(value) else f"{value:.4f}"
     return str(value)
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ports.evaluation import CocoEvaluator, LvisEvaluator, TextEncoder
+from ports.evaluation import CocoEvaluator, LvisEvaluator, SemanticStep, TextEncoder
 
 if TYPE_CHECKING:
     from application.config.schema import SemanticConfig
-    from application.evaluate import SemanticStep
 
 # ============================================================================================
 # Evaluation (infer-eval-config.md §4): COCO backend and the semantic text encoder
@@ -54,7 +53,6 @@ def packaged_text_encoder_path() -> Path | None:
 def make_semantic_step(semantic: SemanticConfig) -> SemanticStep:
     """``eval.semantic`` -> the run's semantic step: an encoder, or off with the reason (§4.2)."""
     from adapters.semantic.encoder import sentence_transformers_installed
-    from application.evaluate import SemanticStep
     from domain.errors import ConfigError
 
     if not semantic.enabled:
@@ -132,7 +130,7 @@ def resolve_model_checkpoint(model: ModelConfig) -> Path:
         from application.checkpoints import incomplete_checkpoint_problem
         from domain.errors import ConfigError
 
-        problem = incomplete_checkpoint_problem(Path(model.path))
+        problem = incomplete_checkpoint_problem(Path(model.path), make_checkpoint_store())
         if problem is not None:
             raise ConfigError(problem)
         return Path(model.path)
@@ -212,7 +210,7 @@ def make_vocabulary_expander() -> VocabularyExpander:
 
 
 if TYPE_CHECKING:
-    from application.expand_vocab import VocabularyExpander
+    from ports.vocabulary import VocabularyExpander
 # ============================================================================================
 # End of the vocabulary expansion section
 # ============================================================================================
@@ -244,17 +242,15 @@ if TYPE_CHECKING:
 def make_generation_engine(request: EngineRequest) -> GenerationEngine:
     """``infer.backend`` / ``infer.vllm.mode`` -> a ready backend (model loaded, engine built or server
     reached / launched), plus the checkpoint's tokenizer and end-of-turn ids."""
-    from application.infer import GenerationEngine
+    from ports.generation import GenerationEngine
 
-    config = request.config
-    model, infer = config.model, config.infer
-    assert model is not None and config.run is not None
-    if infer.backend == "hf":
+    if request.backend == "hf":
         from adapters.hf.generation import load_hf_backend
 
         backend = load_hf_backend(
-            str(request.checkpoint), dtype=model.dtype, attn_implementation=model.attn_implementation, device=infer.device
-        )
+            str(request.checkpoint), dtype=request.dtype, attn_implementation=request.attn_implementation,
+            device=request.device,
+        )  # fmt: skip
         return GenerationEngine(backend, backend.tokenizer, backend.stop_ids)
 
     import json
@@ -271,10 +267,8 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
         eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
         stop_ids.update([eos] if isinstance(eos, int) else [int(i) for i in eos or []])
     end_of_turn = {i: tokenizer.piece(i) for i in sorted(stop_ids)}
-    vllm = infer.vllm
-    model_path = str(model.path) if model.path is not None else str(request.checkpoint)
-    served = vllm.served_model_name if vllm.served_model_name is not None else model_path
-    max_pixels = config.data.max_pixels
+    vllm = request.vllm
+    model_path, served, max_pixels = request.model_path, vllm.served_model_name, request.max_pixels
 
     from domain.prompts import PromptTexts
     from ports.tokenizer import ChatSample, SampleOrigin
@@ -291,7 +285,7 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
         from adapters.vllm.local import VllmLocalBackend, engine_kwargs
 
         settings = engine_kwargs(
-            model_path=model_path, dtype=model.dtype, seed=config.run.seed, launch=vllm.launch,
+            model_path=model_path, dtype=request.dtype, seed=request.seed, launch=vllm.launch,
             image_root=str(request.image_root), max_pixels=max_pixels, trust_remote_code=vllm.trust_remote_code,
         )  # fmt: skip
         local = VllmLocalBackend(settings, end_of_turn=end_of_turn, expected_prompt_tokens=prompt_tokens)
@@ -300,12 +294,13 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
     from adapters.vllm.local import vllm_importable
     from adapters.vllm.server_client import LaunchPlan, ServerSettings, connect, is_local_url, vllm_server_argv
 
-    concurrency = vllm.client_concurrency if vllm.client_concurrency is not None else infer.generation.batch_size
-    settings_ = ServerSettings(vllm.base_url, served, vllm.request_timeout_s, vllm.preflight_timeout_s, concurrency)
+    settings_ = ServerSettings(
+        vllm.base_url, served, vllm.request_timeout_s, vllm.preflight_timeout_s, vllm.client_concurrency
+    )
     launch = None
     if vllm.auto_launch and is_local_url(vllm.base_url) and vllm_importable():
         argv = vllm_server_argv(
-            model_path=model_path, base_url=vllm.base_url, dtype=model.dtype, served_model_name=served,
+            model_path=model_path, base_url=vllm.base_url, dtype=request.dtype, served_model_name=served,
             launch=vllm.launch, max_pixels=max_pixels, trust_remote_code=vllm.trust_remote_code,
         )  # fmt: skip
         launch = LaunchPlan(argv, request.run_dir / "vllm_server.log", vllm.launch.startup_timeout_s)
@@ -314,8 +309,7 @@ def make_generation_engine(request: EngineRequest) -> GenerationEngine:
 
 
 if TYPE_CHECKING:
-    from application.infer import EngineRequest, GenerationEngine
-    from ports.generation import GenerationRequest
+    from ports.generation import EngineRequest, GenerationEngine, GenerationRequest
 # ============================================================================================
 # ==== End of inference ====
 # ============================================================================================
@@ -368,12 +362,26 @@ def make_rollout_backend(
         raise ConfigError("rollout: a Stage-2 run needs the rollout block")
     if rollout.backend == "hf":
         from adapters.hf.rollout import HFRolloutBackend
+        from domain.repeat_terminate import RepeatTerminateSettings
 
         if module is None:
             raise ConfigError("rollout.backend: hf rolls out with the live training module; none was given")
         batch = rollout.hf_batch_size if rollout.hf_batch_size is not None else rollout.generate_batch_size
+        rt = rollout.repeat_terminate
+        guard = (
+            RepeatTerminateSettings(
+                min_new_tokens=rt.min_new_tokens,
+                max_consecutive_token_repeats=rt.max_consecutive_token_repeats,
+                ngram_size=rt.ngram_size,
+                ngram_repeats=rt.ngram_repeats,
+                max_objects=rt.max_objects,
+            )
+            if rt.enabled
+            else None
+        )
         return HFRolloutBackend(
-            module, encoder, stop_ids=stop_ids, device=device, batch_size=batch, initial_version=initial_version
+            module, encoder, stop_ids=stop_ids, device=device, batch_size=batch, initial_version=initial_version,
+            repeat_terminate=guard,
         )  # fmt: skip
     vllm = rollout.vllm
     if vllm.mode == "server":
@@ -428,4 +436,41 @@ if TYPE_CHECKING:
     from ports.tokenizer import SampleEncoderPort
 # ============================================================================================
 # ==== End of Stage-2 rollout backends ====
+# ============================================================================================
+
+
+# ============================================================================================
+# ==== Dataset validation: sample token lengths (data.md §6.5, §9.9) ====
+# ============================================================================================
+
+
+def make_sample_lengths(config: CoordExpConfig) -> Callable[[RecordSet, Sequence[Path]], list[int]]:
+    """Token lengths of records (with their image files) exactly as the Stage-1 pre-pass measures them.
+
+    The processor is the configured model's: ``model.path``, or the embedded tiny model (``model.tiny``,
+    its defaults when the config has no ``model`` block). The conversations and their lengths come from
+    the training pre-pass itself (``adapters.swift.stage1.training_samples`` measured by
+    ``HFSampleEncoder.lengths``), never from a second computation.
+    """
+    from adapters.hf.checkpoint import load_processor
+    from adapters.hf.encoding import HFSampleEncoder
+    from adapters.swift.stage1 import build_sources, training_prompt, training_samples
+    from application.config.schema import ModelConfig, TinyModelConfig
+
+    model = config.model if config.model is not None else ModelConfig(tiny=TinyModelConfig())
+    encoder = HFSampleEncoder(load_processor(resolve_model_checkpoint(model)))
+    prompt = training_prompt(config)
+
+    def sample_lengths(records: RecordSet, images: Sequence[Path]) -> list[int]:
+        return encoder.lengths(training_samples(build_sources(tuple(records), images), prompt, config))
+
+    return sample_lengths
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from domain.records import RecordSet
+# ============================================================================================
+# ==== End of dataset validation ====
 # ============================================================================================

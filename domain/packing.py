@@ -117,6 +117,15 @@ def visit_order(num_samples: int, seed: int) -> list[int]:
     return order
 
 
+def over_long_samples(lengths: Sequence[int], capacity: int) -> list[int]:
+    """data.md §6.5 / §8.2.2: indices of the samples longer than C (equal to C is allowed).
+
+    The one owner of the over-length rule: training's pre-pass (:func:`check_sample_lengths`) and
+    ``validate_dataset`` both ask it.
+    """
+    return [i for i, n in enumerate(lengths) if n > capacity]
+
+
 def check_sample_lengths(
     lengths: Sequence[int], capacity: int, locations: Sequence[str] | None = None
 ) -> None:
@@ -126,7 +135,7 @@ def check_sample_lengths(
     """
     if locations is not None and len(locations) != len(lengths):
         raise InvariantViolation(f"{len(locations)} locations for {len(lengths)} sample lengths")
-    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    too_long = over_long_samples(lengths, capacity)
     bad_nonpositive = [i for i, n in enumerate(lengths) if n <= 0]
     if bad_nonpositive:
         raise InvariantViolation(f"sample lengths must be > 0; sample indices {bad_nonpositive[:20]}")

@@ -9,6 +9,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 USE_HF=1 TOKENIZERS_PARALLELISM=f
 PY=.venv/bin/python
 started=$(date +%s)
 bash scripts/setup.sh
+after_setup=$(date +%s)
+echo "setup done in $(( after_setup - started )) s"
 echo "== [1/3] convert shapes3 (data/shapes3 -> output/data/shapes3/train_bbox.jsonl)"
 "$PY" -m application.prepare_data --config configs/prepare_data/shapes3_bbox.yaml
 stamp=$(date +%Y%m%d-%H%M%S)
@@ -33,4 +35,4 @@ echo "== [2/3] train Stage 1 (150 packed steps on the three images; the loss is 
 "$PY" -m application.train --config "$out/configs/train.yaml"
 echo "== [3/3] infer -> evaluate -> visualize on the same three images"
 "$PY" -m application.infer --config "$out/configs/infer.yaml"
-echo "main job done in $(( $(date +%s) - started )) s; everything is under $out/"
+echo "main job done in $(( $(date +%s) - after_setup )) s after setup; everything is under $out/"

@@ -89,7 +89,7 @@ from domain.records import Record
 from domain.token_types import DatasetFilter
 from ports.metrics import MetricSink
 from ports.tokenizer import ChatSample, SampleOrigin
-from ports.training import TrainingJob, TrainingOutcome
+from ports.training import PreparedTraining, TrainingJob, TrainingOutcome, UnitPlan
 
 PLAN_CACHE_FILE = "pack_plan_cache.json"
 PLAN_REPORT_FILE = "pack_plan.json"
@@ -281,21 +281,31 @@ def _chat_sample(src: SampleSource, prompt: PromptTexts, objects: Sequence[DetOb
     )
 
 
+def training_prompt(config: Any) -> PromptTexts:
+    """The Stage-1 prompt texts of ``config`` (its ``prompt`` and ``data`` blocks)."""
+    return build_prompt(
+        config.prompt.variant,
+        config.data.coord_mode,
+        config.data.ordering,
+        config.data.field_order,
+        system_override=config.prompt.system,
+        user_override=config.prompt.user,
+    )
+
+
+def training_samples(sources: Sequence[SampleSource], prompt: PromptTexts, config: Any) -> list[ChatSample]:
+    """The conversations the length pre-pass measures (objects in record order, data.md §6.5).
+
+    The one place the pre-pass builds them: :func:`plan_units` (training) and ``validate_dataset``
+    (through ``application.wiring.make_sample_lengths``) both measure these.
+    """
+    return [_chat_sample(s, prompt, s.record.objects, config) for s in sources]
+
+
 def build_sources(records: Sequence[Record], images: Sequence[Path]) -> list[SampleSource]:
     if len(records) != len(images):
         raise SetupError(f"{len(records)} records but {len(images)} image paths")
     return [SampleSource(record=r, record_index=i, image_path=str(p)) for i, (r, p) in enumerate(zip(records, images))]
-
-
-@attrs.frozen
-class UnitPlan:
-    """What a split trains on: single samples (``units`` None) or the packs of a static plan."""
-
-    units: list[list[int]] | None
-    lengths: tuple[int, ...]
-    plan: PackPlan | None = None
-    reused_cache: bool = False
-    fingerprint: PlanFingerprint | None = None
 
 
 def plan_cache_text_for(plan: UnitPlan) -> str | None:
@@ -321,7 +331,7 @@ def plan_units(
     with the same fingerprint and lengths is reused, anything else is rebuilt.
     """
     training = config.training
-    samples = [_chat_sample(s, prompt, s.record.objects, config) for s in sources]
+    samples = training_samples(sources, prompt, config)
     lengths = tuple(encoder.checked_lengths(samples, training.max_length))
     if not packing:
         return UnitPlan(None, lengths)
@@ -334,7 +344,7 @@ def plan_units(
     locations = [f"{s.record.source}:{s.record.line}" for s in sources]
     if fingerprint_inputs is None:
         plan = plan_packs(lengths, settings, seed=int(config.run.seed), locations=locations)
-        return UnitPlan([list(p.members) for p in plan.packs], lengths, plan)
+        return UnitPlan(tuple(p.members for p in plan.packs), lengths, plan)
     fingerprint = PlanFingerprint(
         jsonl_sha256=fingerprint_inputs[0],
         tokenizer_sha256=fingerprint_inputs[1],
@@ -345,7 +355,7 @@ def plan_units(
         seed=int(config.run.seed),
     )
     plan, reused = cached_or_planned(cache_text, fingerprint, lengths, locations=locations)
-    return UnitPlan([list(p.members) for p in plan.packs], lengths, plan, reused, fingerprint)
+    return UnitPlan(tuple(p.members for p in plan.packs), lengths, plan, reused, fingerprint)
 
 
 def plan_report(plan: PackPlan, sources: Sequence[SampleSource], *, reused: bool) -> dict[str, Any]:
@@ -1000,6 +1010,7 @@ class SwiftStage1Engine:
     """
 
     callbacks: Sequence[Any] = ()
+    _encoders: dict[Path, HFSampleEncoder] = attrs.field(factory=dict, init=False, repr=False)
 
     def _write_plan(self, job: TrainingJob, plan: UnitPlan, sources: Sequence[SampleSource], cache: Path) -> None:
         assert plan.plan is not None
@@ -1019,34 +1030,29 @@ class SwiftStage1Engine:
                 f"{report['dropped'][:10]}"
             )
 
-    def run(self, job: TrainingJob) -> TrainingOutcome:
+    def _encoder(self, model_path: Path) -> HFSampleEncoder:
+        """The sample encoder of ``model_path``'s processor (tokenizer and chat template only, no model);
+        loaded once per engine, shared by :meth:`prepare` and :meth:`run`."""
+        encoder = self._encoders.get(model_path)
+        if encoder is None:
+            processor = load_processor(model_path)
+            check_processor(processor, model_path)
+            encoder = HFSampleEncoder(processor, HFTokenizer(processor.tokenizer))
+            self._encoders[model_path] = encoder
+        return encoder
+
+    def prepare(self, job: TrainingJob) -> PreparedTraining:
+        """Lengths, over-length errors and the pack plans (data.md §6.5, §8.2): they need only the tokenizer,
+        so they run before the model loads and before the use case writes a run file (issue 11 item 3).
+
+        Reads the run directory's ``pack_plan_cache.json`` when one is there (a resumed run reuses its plan);
+        writes nothing: :meth:`run` writes the plan files from what this returns.
+        """
         _offline_env()
-        from swift import Seq2SeqTrainingArguments, get_model_processor, get_template
-
-        from adapters.swift.console import SWIFT_LOG_FILENAME, route_swift_logs
-
         config = job.config
         training = config.training
-        torch.manual_seed(int(config.run.seed))
-        rank = int(os.environ.get("RANK", "0"))
-        route_swift_logs(job.run_dir / SWIFT_LOG_FILENAME if rank == 0 else None)
-        # The trainer's arguments create the process group under a launcher; a group made by our caller stays.
-        group_was_ours = not _distributed_ready()
-
-        # Lengths, over-length errors and the pack plan need only the tokenizer: all before the model loads.
-        early_processor = load_processor(job.model_path)
-        check_processor(early_processor, job.model_path)
-        tokenizer = HFTokenizer(early_processor.tokenizer)
-        coord_table = tokenizer.coord_ids
-        encoder = HFSampleEncoder(early_processor, tokenizer)
-        prompt = build_prompt(
-            config.prompt.variant,
-            config.data.coord_mode,
-            config.data.ordering,
-            config.data.field_order,
-            system_override=config.prompt.system,
-            user_override=config.prompt.user,
-        )
+        encoder = self._encoder(job.model_path)
+        prompt = training_prompt(config)
         train_sources = build_sources(job.train_records, job.train_images)
         cache_path = job.run_dir / PLAN_CACHE_FILE
         train_plan = plan_units(
@@ -1059,15 +1065,43 @@ class SwiftStage1Engine:
             ),
             cache_text=cache_path.read_text(encoding="utf-8") if cache_path.is_file() else None,
         )
-        if train_plan.plan is not None and rank == 0:
-            self._write_plan(job, train_plan, train_sources, cache_path)
-        train_ds = Stage1Dataset(train_sources, train_plan.units, encoder, prompt, config)
-        eval_ds = None
+        val_plan = None
         if job.val_records:
             val_sources = build_sources(job.val_records, job.val_images or ())
             # eval_packing never drops a validation sample (data.md §8.1)
-            eval_plan = plan_units(val_sources, encoder, prompt, config, packing=training.eval_packing, drop_last=False)
-            eval_ds = Stage1Dataset(val_sources, eval_plan.units, encoder, prompt, config)
+            val_plan = plan_units(val_sources, encoder, prompt, config, packing=training.eval_packing, drop_last=False)
+        return PreparedTraining(train=train_plan, val=val_plan)
+
+    def run(self, job: TrainingJob, prepared: PreparedTraining, metric_sink: MetricSink) -> TrainingOutcome:
+        _offline_env()
+        from swift import Seq2SeqTrainingArguments, get_model_processor, get_template
+
+        from adapters.swift.console import SWIFT_LOG_FILENAME, route_swift_logs
+
+        config = job.config
+        training = config.training
+        if len(prepared.train.lengths) != len(job.train_records) or (prepared.val is None) != (not job.val_records):
+            raise SetupError("run() was given a PreparedTraining that prepare() did not make for this job")
+        torch.manual_seed(int(config.run.seed))
+        rank = int(os.environ.get("RANK", "0"))
+        route_swift_logs(job.run_dir / SWIFT_LOG_FILENAME if rank == 0 else None)
+        # The trainer's arguments create the process group under a launcher; a group made by our caller stays.
+        group_was_ours = not _distributed_ready()
+
+        # The plans were made by prepare() before any run file was written; only their files are written here.
+        encoder = self._encoder(job.model_path)
+        tokenizer = encoder.tokenizer
+        coord_table = tokenizer.coord_ids
+        prompt = training_prompt(config)
+        train_sources = build_sources(job.train_records, job.train_images)
+        if prepared.train.plan is not None and rank == 0:
+            self._write_plan(job, prepared.train, train_sources, job.run_dir / PLAN_CACHE_FILE)
+        train_ds = Stage1Dataset(train_sources, prepared.train.units, encoder, prompt, config)
+        eval_ds = None
+        if job.val_records:
+            assert prepared.val is not None
+            val_sources = build_sources(job.val_records, job.val_images or ())
+            eval_ds = Stage1Dataset(val_sources, prepared.val.units, encoder, prompt, config)
 
         dtype = _torch_dtype(config.model.dtype)
         attn = config.model.attn_implementation
@@ -1189,7 +1223,7 @@ class SwiftStage1Engine:
             coord_mask=torch.as_tensor(coord_table.mask(vocab)),
             run_dir=job.run_dir,
             max_steps=max_steps,
-            sink=job.metric_sink,
+            sink=metric_sink,
             resolved_config_path=job.resolved_config_path,
             processor=processor,
             world_size=world_size,

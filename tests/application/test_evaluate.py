@@ -17,9 +17,10 @@ import pytest
 
 from application import wiring
 from application.config.schema import EvalConfig, SemanticConfig
-from application.evaluate import SemanticStep, evaluate_artifact, main, run_evaluation
+from application.evaluate import evaluate_artifact, main, run_evaluation
 from domain.errors import ArtifactError, ConfigError, DataContractError
 from domain.evaluation import COCO_STAT_NAMES
+from ports.evaluation import SemanticStep
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 COCO100 = DATA / "coco_val2014_100"

@@ -26,10 +26,11 @@ from lvis_fixture import COCO100, lvis_gt, lvis_results, write_json
 
 from application import wiring
 from application.config.schema import EvalConfig
-from application.evaluate import SemanticStep, check_settings, evaluate_artifact, run_evaluation
+from application.evaluate import check_settings, evaluate_artifact, run_evaluation
 from domain.errors import ArtifactError, ConfigError
 from domain.evaluation import COCO_STAT_NAMES
 from domain.lvis import LVIS_STAT_NAMES
+from ports.evaluation import SemanticStep
 
 OFF = SemanticStep.off("test")
 

@@ -27,15 +27,15 @@ from adapters.fakes.tokenizer import FakeTokenizer
 from application import wiring
 from application.config import load_config, load_resolved_config
 from application.infer import (
-    EngineRequest,
-    GenerationEngine,
     InferDependencies,
     VisRequest,
     default_dependencies,
+    engine_request,
     main,
     run_pipeline,
 )
 from domain.errors import ArtifactError, DataContractError, GenerationError
+from ports.generation import EngineRequest, GenerationEngine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -372,6 +372,26 @@ def test_28_record_mode_writes_generation_failed_rows(tmp_path: Path) -> None:
     assert summary["counters"]["generation_failed"] == 2
 
 
+def test_engine_request_carries_the_settings_with_their_fallbacks(tmp_path: Path) -> None:
+    """The config -> port mapping: served name falls back to the model path, concurrency to the batch size."""
+    val = write_dataset(tmp_path / "data", 1)
+    plain = load_config(write_config(tmp_path, val, infer={"backend": "vllm"}), entry_point="infer").config
+    request = engine_request(plain, tmp_path / "ckpt", tmp_path / "img", tmp_path / "run")
+    assert (request.backend, request.model_path, request.dtype, request.seed) == (
+        "vllm", str(tmp_path / "ckpt"), "float32", 17
+    )
+    assert request.max_pixels == plain.data.max_pixels and request.device == plain.infer.device
+    assert request.vllm.served_model_name == str(tmp_path / "ckpt") and request.vllm.client_concurrency == 2
+    assert request.vllm.launch.startup_timeout_s == plain.infer.vllm.launch.startup_timeout_s
+    named = write_config(
+        tmp_path, val, name="named",
+        infer={"vllm": {"served_model_name": "served", "client_concurrency": 1, "launch": {"max_num_seqs": 3}}},
+    )  # fmt: skip
+    explicit = engine_request(load_config(named, entry_point="infer").config, tmp_path / "x", tmp_path, tmp_path)
+    assert (explicit.vllm.served_model_name, explicit.vllm.client_concurrency) == ("served", 1)
+    assert explicit.vllm.launch.max_num_seqs == 3 and explicit.checkpoint == tmp_path / "x"
+
+
 def test_32_image_root_defaults_to_the_jsonl_directory_whatever_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -500,9 +520,9 @@ def test_29_vllm_server_backend_in_the_pipeline(tmp_path: Path, vllm_server: Any
     from adapters.vllm.server_client import ServerSettings, connect
 
     def open_engine(request: EngineRequest) -> GenerationEngine:
-        vllm = request.config.infer.vllm
+        vllm = request.vllm
         settings = ServerSettings(vllm.base_url, vllm.served_model_name, vllm.request_timeout_s,
-                                  vllm.preflight_timeout_s, vllm.client_concurrency or 1)  # fmt: skip
+                                  vllm.preflight_timeout_s, vllm.client_concurrency)  # fmt: skip
         backend = connect(settings, end_of_turn={TOK.im_end_id: "<|im_end|>"})
         return GenerationEngine(backend, TOK, frozenset({TOK.im_end_id}))
 

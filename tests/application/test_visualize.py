@@ -21,7 +21,7 @@ from PIL import Image
 
 from application import wiring
 from application.config.schema import EvalConfig
-from application.evaluate import SemanticStep, evaluate_artifact
+from application.evaluate import evaluate_artifact
 from application.visualize import (
     ERROR_CODES,
     POINTER_FILENAME,
@@ -32,6 +32,7 @@ from application.visualize import (
     run_vis_stage,
 )
 from domain.errors import ArtifactError, DataContractError
+from ports.evaluation import SemanticStep
 
 REPO = Path(__file__).resolve().parents[2]
 GREEN = (0x2C, 0xA0, 0x2C)
@@ -367,6 +368,10 @@ def evaluated_run(tmp_path: Path) -> tuple[Path, Path]:
     return artifact, run / "eval"
 
 
+def metrics_of(tmp_path: Path) -> dict[str, Any]:
+    return dict(json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["metrics"])
+
+
 def test_report_page_shows_plots_that_exist(tmp_path: Path) -> None:
     artifact, eval_dir = evaluated_run(tmp_path)
     out = tmp_path / "run" / "vis"
@@ -381,6 +386,8 @@ def test_report_page_shows_plots_that_exist(tmp_path: Path) -> None:
     assert "index 2 · 2.png · 2 GT, 2 predictions · wrong_arity" in text
     assert "§" not in text  # the page cites no spec section numbers
     assert 'class="summary"' not in text  # nothing to explain: there are predictions
+    assert metrics_of(tmp_path)["bbox_APl"] == -1.0  # no large objects: COCO's -1 reads as undefined
+    assert '<td>bbox_APl</td><td class="v">undefined</td>' in text
     for name in figures:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100

@@ -194,3 +194,32 @@ def test_desc_span_round_trips(desc: str) -> None:
     text, spans = fn_injection_typed(3, [box(desc, 1, 2, 3, 4)])
     (span,) = [s for s in spans if s.cls is TokenClass.DESC]
     assert json.loads(f'"{text[span.start : span.end]}"') == desc
+
+
+def test_append_ready_recheck_is_skipped_only_for_what_the_scanner_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """§7.2.4 repeats §3.6.4: the scanner's certificate spares the second re-scan of the same prefix,
+    and any change to the prefix, its record count, the field order or the coord mode re-checks."""
+    from domain import coordjson
+
+    scan = scan_ids(TOK.encode('{"objects": [' + render([CAT])[13:-2]))
+    assert scan.append_ready_checked == (scan.prefix_text, 1, FieldOrder.DESC_FIRST, CoordMode.TOKENS)
+    calls: list[tuple[str, int]] = []
+    real = coordjson.check_append_ready
+
+    def counting(text: str, n: int, *args: object) -> None:
+        calls.append((text, n))
+        real(text, n, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(coordjson, "check_append_ready", counting)
+    append_fn_records(scan, [DOG], TOK.encode)
+    assert calls == []
+    append_fn_records(scan, [DOG], TOK.encode, FieldOrder.GEOMETRY_FIRST)
+    append_fn_records(attrs.evolve(scan, append_ready_checked=None), [DOG], TOK.encode)
+    assert calls == [(scan.prefix_text, 1)] * 2
+    with pytest.raises(InvariantViolation, match="prefix not append-ready"):
+        append_fn_records(attrs.evolve(scan, prefix_text=scan.prefix_text + ", "), [DOG], TOK.encode)
+    # The fallback prefix is not certified by the scanner: append_fn_records checks it itself.
+    fallback = scan_ids(TOK.encode("no container here"))
+    assert fallback.used_fallback_prefix and fallback.append_ready_checked is None

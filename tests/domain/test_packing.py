@@ -22,6 +22,7 @@ from domain.packing import (
     check_sample_lengths,
     cu_seq_lens,
     mrope_position_rows,
+    over_long_samples,
     packed_position_ids,
     plan_cache_text,
     plan_from_cache_text,
@@ -352,3 +353,11 @@ def test_mrope_rows_follow_the_rule(layout: list[tuple[str, object]]) -> None:
             pos += max(gh, gw)
     rows = mrope_position_rows(ids, VISION, grids, 2)
     assert [tuple(int(v) for v in col) for col in rows.T] == expected
+
+
+def test_over_long_samples_is_the_rule_both_checks_use() -> None:
+    """data.md §6.5: longer than C is over-long, equal to C is not (validate_dataset and training ask this)."""
+    assert over_long_samples([80, 81, 79, 200], 80) == [1, 3]
+    assert over_long_samples([], 80) == []
+    with pytest.raises(DataContractError, match=r"2 sample\(s\) longer than training\.max_length=80"):
+        check_sample_lengths([80, 81, 79, 200], 80)

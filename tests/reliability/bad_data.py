@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from adapters.hf.tiny import default_tiny_cache_dir
 from adapters.storage.images import PillowImageStore
 
 SIZE = 64  # a multiple of 32 (D5)
@@ -80,10 +81,15 @@ def train_config(folder: Path, train_jsonl: Path, name: str = "t", **blocks: dic
     return path
 
 
-def validate_config(folder: Path, train_jsonl: Path) -> Path:
-    """A config for ``application.validate_dataset`` (no model: lengths are not measured)."""
+# The tiny model's cache as the session starts (the tests point COORDEXP_CACHE_DIR at a fresh folder each).
+_TINY_CACHE = default_tiny_cache_dir()
+
+
+def validate_config(folder: Path, train_jsonl: Path, **blocks: dict[str, Any]) -> Path:
+    """A config for ``application.validate_dataset`` (the tiny model measures lengths; its cache is shared)."""
     path = folder / "validate.yaml"
-    path.write_text(yaml.safe_dump({"data": {"train_jsonl": str(train_jsonl)}}))
+    config = {"data": {"train_jsonl": str(train_jsonl)}, "model": {"tiny": {"cache_dir": str(_TINY_CACHE)}}, **blocks}
+    path.write_text(yaml.safe_dump(config))
     return path
 
 

@@ -15,8 +15,8 @@ from adapters.fakes.generation import ScriptedGenerationBackend
 from adapters.fakes.provenance import FakeProvenanceCollector
 from adapters.fakes.tokenizer import FakeTokenizer
 from application import wiring
-from application.infer import EngineRequest, GenerationEngine, InferDependencies
-from ports.generation import GenerationRequest
+from application.infer import InferDependencies
+from ports.generation import EngineRequest, GenerationEngine, GenerationRequest
 
 TOKENIZER = FakeTokenizer()
 

@@ -9,8 +9,9 @@ import pytest
 
 from application import wiring
 from application.config.schema import EvalConfig
-from application.evaluate import SemanticStep, evaluate_artifact
+from application.evaluate import evaluate_artifact
 from domain.evaluation import UNDEFINED_METRIC
+from ports.evaluation import SemanticStep
 
 RATIO_SUFFIXES = tuple(
     f"{name}_{level}_{kind}"

@@ -85,8 +85,9 @@ def mode(path: Path) -> int:
 
 def test_expanded_models_and_evaluations_get_the_umask_modes(tmp_path: Path, umask_022: None) -> None:
     from application.config.schema import EvalConfig
-    from application.evaluate import SemanticStep, evaluate_artifact
+    from application.evaluate import evaluate_artifact
     from application.expand_vocab import expand_vocab
+    from ports.evaluation import SemanticStep
 
     def expander(source: Any, output: Any, *, dtype: str = "bfloat16") -> Any:
         import numpy as np

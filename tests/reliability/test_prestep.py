@@ -1,8 +1,11 @@
 """Issue 11, item 3: a failure before the first step never blocks the rerun.
 
-Checks that can fail before step 1 without a tokenizer (records, images, an empty file) run before anything
-is written. A run that never completed a step (its directory holds only the files written before step 1)
-is started again by the same command; after a kill during the first checkpoint save,
+Every check that can fail before step 1 without the model runs before anything is written: records, images
+and an empty file in the use case; sample lengths, over-long samples and an empty pack plan in the training
+engine's ``prepare``, which the use case calls before the first run file (order: prepare -> run files ->
+run). A run that failed later but never completed a step (its directory holds only the files written before
+step 1, e.g. when the model failed to load) is started again by the same command; after a kill during the
+first checkpoint save,
 ``resume_from_checkpoint: latest`` starts from step 0, cuts the log back and drops the interrupted save.
 A run that did log a step is still never silently mixed with a new one.
 """
@@ -10,6 +13,7 @@ A run that did log a step is still never silently mixed with a new one.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import attrs
@@ -20,8 +24,11 @@ from adapters.fakes.training import RecordingTrainingEngine
 from application.config import load_config
 from application.train import train
 from application.validate_dataset import main as validate_main
-from domain.errors import ConfigError, DataContractError
-from ports.training import TrainingJob, TrainingOutcome
+from domain.errors import ConfigError, DataContractError, SetupError
+from ports.metrics import MetricSink
+from ports.training import PreparedTraining, TrainingJob, TrainingOutcome, UnitPlan
+
+RUN_FILES = ("logging.jsonl", "metric_registry.json", "resolved_config.json", "run_metadata.json")
 
 
 @pytest.fixture(autouse=True)
@@ -48,21 +55,58 @@ def test_an_empty_jsonl_fails_before_anything_is_written(
     assert f"data.train_jsonl: {jsonl}: holds no records" in capsys.readouterr().out
 
 
+def _run_files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+
+
+def test_the_engine_prepares_before_the_run_files_and_runs_after_them(tmp_path: Path) -> None:
+    engine = RecordingTrainingEngine()
+    train(load_config(train_config(tmp_path, good_split(tmp_path, 3)), entry_point="train"), engine)
+    assert engine.calls == [("prepare", ()), ("run", RUN_FILES)]
+
+
+@pytest.mark.parametrize(
+    ("training", "error"),
+    [
+        ({"max_length": 8}, r"3 sample\(s\) longer than training\.max_length=8 .*\n\S*train\.jsonl:1 length=10"),
+        ({"packing": True, "max_length": 100, "packing_min_fill_ratio": 0.9, "packing_drop_last": True},
+         r"empty pack plan for \S*train\.jsonl: N=3 samples, C=100"),
+    ],
+    ids=["over-long sample", "empty pack plan"],
+)
+def test_a_failure_in_the_engines_preflight_leaves_no_run_file(
+    tmp_path: Path, training: dict[str, object], error: str
+) -> None:
+    jsonl = good_split(tmp_path, 3)
+    engine = RecordingTrainingEngine()  # 10 tokens a sample: over max_length 8; 30 in all fill no 90-token pack
+    with pytest.raises(DataContractError, match=error):
+        train(load_config(train_config(tmp_path, jsonl, training=training), entry_point="train"), engine)
+    assert [name for name, _ in engine.calls] == ["prepare"] and engine.jobs == []
+    assert _run_files(tmp_path / "out" / "t") == []
+    # nothing blocks the corrected rerun: same run.name, no resume key
+    train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
+    assert _steps(tmp_path / "out" / "t" / "logging.jsonl") == [1, 2]
+
+
 @attrs.define
 class FailsBeforeStepOne:
-    """An engine that stops where the real one checks lengths and the pack plan (after the run files)."""
+    """An engine whose ``run`` fails after the run files were written and before step 1 (the model does not
+    load)."""
 
     calls: int = 0
 
-    def run(self, job: TrainingJob) -> TrainingOutcome:
+    def prepare(self, job: TrainingJob) -> PreparedTraining:
+        return PreparedTraining(train=UnitPlan(None, (10,) * len(job.train_records)))
+
+    def run(self, job: TrainingJob, prepared: PreparedTraining, metric_sink: MetricSink) -> TrainingOutcome:
         self.calls += 1
-        raise DataContractError(f"{job.train_records[0].source}:1 length=5000 longer than training.max_length")
+        raise SetupError(f"{job.model_path}: the model cannot be loaded")
 
 
 def test_a_run_that_failed_before_its_first_step_is_run_again_by_the_same_command(tmp_path: Path) -> None:
     config = train_config(tmp_path, good_split(tmp_path, 3))
     failing = FailsBeforeStepOne()
-    with pytest.raises(DataContractError, match="max_length"):
+    with pytest.raises(SetupError, match="cannot be loaded"):
         train(load_config(config, entry_point="train"), failing)
     run_dir = tmp_path / "out" / "t"
     assert failing.calls == 1 and (run_dir / "logging.jsonl").read_text() == ""  # the files of §7.1 exist
@@ -103,11 +147,11 @@ def test_a_kill_during_the_first_checkpoint_save_resumes_with_latest(tmp_path: P
 
 
 @pytest.mark.slow
-def test_an_over_long_sample_fails_before_the_model_loads_and_the_rerun_is_accepted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_over_long_sample_fails_before_the_model_loads_and_any_run_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The real Stage-1 engine on the tiny model: the length check needs only the tokenizer and runs before
-    the model loads; the run directory it leaves does not block the corrected rerun."""
+    """The real Stage-1 engine on the tiny model: the length check needs only the tokenizer and runs in
+    ``prepare``, before the model loads and before any run file is written."""
     import swift
 
     monkeypatch.delenv("COORDEXP_CACHE_DIR")  # share the built tiny checkpoint with the other tests
@@ -124,7 +168,67 @@ def test_an_over_long_sample_fails_before_the_model_loads_and_the_rerun_is_accep
     with pytest.raises(DataContractError, match=r"2 sample\(s\) longer than training\.max_length=32") as info:
         train(load_config(short, entry_point="train"))
     assert f"{jsonl}:1 length=" in str(info.value) and f"{jsonl}:2 length=" in str(info.value)
-    assert loads == []
+    assert loads == [] and _run_files(tmp_path / "out" / "t") == []
+    # validate_dataset measures the same lengths as the training pre-pass and names the same lines (issue 10).
+    training_says = re.findall(r"(\S+:\d+) length=(\d+)", str(info.value))
+    assert validate_main(["--config", str(validate_config(tmp_path, jsonl, training={"max_length": 32}))]) == 1
+    validate_says = re.findall(r"(\S+:\d+): sample length (\d+) exceeds", capsys.readouterr().out)
+    assert validate_says == training_says and len(training_says) == 2
     fixed = train_config(tmp_path, jsonl, model=tiny, training={"max_length": 4096})
     outcome = train(load_config(fixed, entry_point="train"), RecordingTrainingEngine())
     assert outcome.global_step == 2 and _steps(tmp_path / "out" / "t" / "logging.jsonl") == [1, 2]
+
+
+_TINY = {"tiny": {"seed": 0}, "path": None, "dtype": "float32", "attn_implementation": "eager"}
+
+
+@pytest.mark.slow
+def test_an_empty_pack_plan_of_the_real_engine_fails_before_the_model_loads_and_any_run_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import swift
+
+    monkeypatch.delenv("COORDEXP_CACHE_DIR")  # share the built tiny checkpoint with the other tests
+    monkeypatch.setattr(swift, "get_model_processor", lambda *a, **k: pytest.fail("the model was loaded"))
+    jsonl = good_split(tmp_path, 2)
+    config = train_config(tmp_path, jsonl, model=_TINY, training={
+        "packing": True, "max_length": 4096, "packing_min_fill_ratio": 0.9, "packing_drop_last": True})
+    with pytest.raises(DataContractError, match=rf"empty pack plan for {re.escape(str(jsonl))}: N=2 samples"):
+        train(load_config(config, entry_point="train"))
+    assert _run_files(tmp_path / "out" / "t") == []
+
+
+@pytest.mark.slow
+def test_the_real_engine_writes_the_prepared_plan_after_the_run_files_and_never_plans_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One packed step on the tiny model: ``plan_units`` runs once (in ``prepare``), the plan files are written
+    after the run files, and the cache holds exactly the prepared plan."""
+    from adapters.swift import stage1
+
+    monkeypatch.delenv("COORDEXP_CACHE_DIR")
+    planned: list[UnitPlan] = []
+    original_plan_units = stage1.plan_units
+
+    def counting_plan_units(*args: object, **kwargs: object) -> UnitPlan:
+        planned.append(original_plan_units(*args, **kwargs))  # type: ignore[arg-type]
+        return planned[-1]
+
+    files_at_plan_write: list[list[str]] = []
+    original_write_plan = stage1.SwiftStage1Engine._write_plan
+
+    def recording_write_plan(self: stage1.SwiftStage1Engine, job: TrainingJob, *args: object) -> None:
+        files_at_plan_write.append(_run_files(job.run_dir))
+        original_write_plan(self, job, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stage1, "plan_units", counting_plan_units)
+    monkeypatch.setattr(stage1.SwiftStage1Engine, "_write_plan", recording_write_plan)
+    config = train_config(tmp_path, good_split(tmp_path, 2), model=_TINY, training={
+        "max_steps": 1, "packing": True, "packing_min_fill_ratio": 0.01})
+    outcome = train(load_config(config, entry_point="train"))
+    run_dir = tmp_path / "out" / "t"
+    assert outcome.global_step == 1 and len(planned) == 1
+    assert len(files_at_plan_write) == 1 and set(RUN_FILES) <= set(files_at_plan_write[0])
+    assert stage1.PLAN_CACHE_FILE not in files_at_plan_write[0]
+    assert (run_dir / stage1.PLAN_CACHE_FILE).read_text() == stage1.plan_cache_text_for(planned[0])
+    assert json.loads((run_dir / stage1.PLAN_REPORT_FILE).read_text())["samples"] == 2

@@ -210,3 +210,22 @@ def test_eval_placeholder_item_supervises_nothing() -> None:
     packed = EvalPaddedDataset([[item, item]])
     assert all(list(m.sample.labels) == [-100] * 3 for m in packed[-1])
     del sample
+
+
+def test_run_refuses_a_prepared_training_that_was_not_made_for_its_job(tmp_path: Path) -> None:
+    """``run`` trains on the plans ``prepare`` made (issue 11 item 3); plans of another job are a setup error
+    before anything is loaded or written."""
+    from adapters.storage.metric_log import NullMetricSink
+    from adapters.swift.stage1 import SwiftStage1Engine
+    from ports.training import PreparedTraining, TrainingJob, UnitPlan
+
+    record = _dataset(Ordering.SORTED).sources[0].record
+    job = TrainingJob(config=types.SimpleNamespace(training=None), run_dir=tmp_path / "run", model_path=tmp_path,
+                      train_records=(record, record), train_images=(tmp_path / "a.jpg",) * 2, val_records=None,
+                      val_images=None, resolved_config_path=tmp_path / "run" / "resolved_config.json")
+    engine = SwiftStage1Engine()
+    for prepared in (PreparedTraining(train=UnitPlan(None, (5,))),
+                     PreparedTraining(train=UnitPlan(None, (5, 5)), val=UnitPlan(None, (5,)))):
+        with pytest.raises(SetupError, match="PreparedTraining that prepare"):
+            engine.run(job, prepared, NullMetricSink())
+    assert not (tmp_path / "run").exists()

@@ -99,7 +99,7 @@ def test_model_path_to_an_incomplete_training_checkpoint_is_refused(tmp_path: Pa
         (run / f"checkpoint-{step}").mkdir(parents=True)
     (run / "checkpoint-2" / COMPLETE_MARKER).write_text('{"files": []}')
     (run / "checkpoint-6" / COMPLETE_MARKER).write_text('{"files": []}')
-    assert [p.name for p in complete_checkpoints(run)] == ["checkpoint-2", "checkpoint-6"]
+    assert [p.name for p in complete_checkpoints(run, wiring.make_checkpoint_store())] == ["checkpoint-2", "checkpoint-6"]
     with pytest.raises(ConfigError, match="without checkpoint_complete.json"):
         wiring.resolve_model_checkpoint(ModelConfig(path=run / "checkpoint-4"))
     assert wiring.resolve_model_checkpoint(ModelConfig(path=run / "checkpoint-6")) == run / "checkpoint-6"
