@@ -6,8 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +59,9 @@ def test_a_directory_given_as_config_is_one_error_line(
 
 
 @pytest.fixture()
-def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+def readonly_dir(mount_tmpfs: Callable[[str], Path]) -> Path:
     """A real read-only file system (a read-only tmpfs mount); skipped where mounting is not allowed."""
-    target = tmp_path / "ro"
-    target.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
+    return mount_tmpfs("ro,size=64k")
 
 
 @pytest.fixture(scope="module")

@@ -350,18 +350,9 @@ def mock_open_append(handle: Any) -> Any:
 
 
 @pytest.fixture()
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+def small_tmpfs(mount_tmpfs: Callable[[str], Path]) -> Path:
     """A real 64 KiB tmpfs (needs the right to mount: root in a container); skipped elsewhere."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    return mount_tmpfs("size=64k")
 
 
 def test_inference_on_a_real_full_then_read_only_tmpfs(
