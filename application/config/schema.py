@@ -397,7 +397,7 @@ class ScheduleConfig:
 
 @attrs.frozen
 class ChannelAConfig:
-    n_softctx_iter: int = setting(2, ge=1)
+    n_softctx_iter: int = setting(1, ge=1)  # one teacher-forced forward (stage2.md §13, §20)
     softctx_grad_mode: Literal["unroll", "em_detach"] = "unroll"
 
 

@@ -97,7 +97,7 @@ def test_instability_monitor_defaults_stage1_md_5() -> None:
 def test_stage2_defaults_stage2_md_20() -> None:
     stage2 = structure_config({"stage2_ab": {"schedule": {"b_ratio": 0.25}}}).stage2_ab
     assert isinstance(stage2, Stage2ABConfig) and stage2.schedule.b_ratio == 0.25
-    assert (stage2.channel_a.n_softctx_iter, stage2.channel_a.softctx_grad_mode) == (2, "unroll")
+    assert (stage2.channel_a.n_softctx_iter, stage2.channel_a.softctx_grad_mode) == (1, "unroll")
     losses = stage2.losses
     assert (losses.softctx_temperature, losses.desc_ce_weight, losses.bbox_smoothl1_weight,
             losses.bbox_ciou_weight) == (1.0, 1.0, 1.0, 1.0)
