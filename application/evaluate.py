@@ -39,7 +39,7 @@ from application.lvis_eval import (
     per_frequency_document,
     require_lvis,
 )
-from domain.duplicates import objects_in_bins, summarize_duplicates
+from domain.duplicates import objects_in_bins_batch, summarize_duplicates
 from domain.errors import ArtifactError, ConfigError, ImageFileError
 from domain.evaluation import (
     Category,
@@ -68,6 +68,7 @@ from domain.evaluation import (
     f1ish_summary,
     f1ish_undefined_problem,
     has_polygon_segmentation,
+    is_image_info,
     join_official_images,
     match_row,
     matches_file_name,
@@ -374,7 +375,11 @@ def _run_coco(
     official_gt: dict[str, Any] | None,
     artifact: Path,
     lvis: LvisEvaluator | None = None,
+    *,
+    score: bool = True,
 ) -> _CocoPart:
+    """COCO mapping, the ``coco_preds.json`` export and (``score=True``) the COCO / LVIS evaluation;
+    ``score=False`` (an image-info ground truth, no annotations) maps and exports only."""
     if official_gt is not None:
         table = CategoryTable([_category(c) for c in official_gt["categories"]])
         joined = join_official_images(
@@ -427,7 +432,9 @@ def _run_coco(
 
     img_ids = sorted(int(o["id"]) for o in joined.values()) if official_gt is not None else None
     evaluations: list[CocoEvaluation | LvisEvaluation] = []
-    if lvis is not None:  # eval.dataset_style: lvis (federated AP from the LVIS evaluator)
+    if not score:
+        pass  # nothing to score against: the export alone
+    elif lvis is not None:  # eval.dataset_style: lvis (federated AP from the LVIS evaluator)
         evaluations += lvis_evaluations(
             lvis, gt_document, predictions, with_segm=with_segm, iou_thrs=settings.iou_thrs, img_ids=img_ids
         )
@@ -435,7 +442,7 @@ def _run_coco(
         evaluations.append(
             coco.evaluate(gt_document, predictions, "bbox", iou_thrs=settings.iou_thrs, img_ids=img_ids)
         )
-    if with_segm and lvis is None:
+    if score and with_segm and lvis is None:
         evaluations.append(
             coco.evaluate(gt_document, predictions, "segm", iou_thrs=settings.iou_thrs, img_ids=img_ids)
         )
@@ -607,10 +614,13 @@ def _evaluate_artifact(
 ) -> EvalSummary:
     check_settings(settings)
     official_gt = None
+    image_info = False  # an image-info ground truth (COCO test-dev): export coco_preds.json, score nothing
     if settings.coco_gt_json is not None and settings.metrics != "f1ish":
-        official_gt = canonical_coco_gt(_read_json(Path(settings.coco_gt_json)), str(settings.coco_gt_json))
+        raw_gt = _read_json(Path(settings.coco_gt_json))
+        image_info = isinstance(raw_gt, dict) and is_image_info(raw_gt)
+        official_gt = canonical_coco_gt(raw_gt, str(settings.coco_gt_json), image_info=image_info)
     lvis_used = None
-    if settings.dataset_style == "lvis" and official_gt is not None:
+    if settings.dataset_style == "lvis" and official_gt is not None and not image_info:
         lvis_used = require_lvis(settings, lvis, official_gt, str(settings.coco_gt_json))
     images = prepare_images(Path(artifact), ScoreMode(settings.score_mode), settings.num_workers)
     similarity = EmbeddingSimilarity(semantic.encoder) if semantic.encoder is not None else None
@@ -621,12 +631,23 @@ def _evaluate_artifact(
     optional: dict[str, str] = {}
     f1ish_results: dict[float, list[F1ishImage]] = {}
 
+    no_metrics_reason: str | None = None
+    if image_info:
+        no_metrics_reason = (
+            f"no metric was computed: {settings.coco_gt_json} has no annotations (an image-info file, "
+            "e.g. COCO test-dev); coco_preds.json is the export to submit to the evaluation server"
+        )
+        warn(no_metrics_reason)
+
     if settings.metrics in ("coco", "both"):
-        part = _run_coco(images, settings, coco, similarity, official_gt, Path(artifact), lvis_used)
+        part = _run_coco(
+            images, settings, coco, similarity, official_gt, Path(artifact), lvis_used, score=not image_info
+        )
         metrics.update(part.metrics)
         counters.update(part.mapping_counts)
-        files["per_class.csv"] = per_class_csv(part.evaluations[0], part.table)
-        files["pr_curves.json"] = json_text({"iou_type": "bbox", **part.evaluations[0].curves.to_json()})
+        if part.evaluations:
+            files["per_class.csv"] = per_class_csv(part.evaluations[0], part.table)
+            files["pr_curves.json"] = json_text({"iou_type": "bbox", **part.evaluations[0].curves.to_json()})
         if lvis_used is not None:
             files[PER_FREQUENCY_JSON] = json_text(
                 per_frequency_document([e for e in part.evaluations if isinstance(e, LvisEvaluation)])
@@ -637,7 +658,7 @@ def _evaluate_artifact(
         if part.report is not None:
             optional["semantic_desc_report.json"] = json_text(part.report)
 
-    if settings.metrics in ("f1ish", "both"):
+    if settings.metrics in ("f1ish", "both") and not image_info:
         f1ish_metrics, f1ish_results = run_f1ish(images, settings, coco, similarity)
         metrics.update(f1ish_metrics)
         for thr in settings.f1ish_iou_thrs:
@@ -653,7 +674,7 @@ def _evaluate_artifact(
 
     # stage2.md §18.7: the duplicate monitor Channel B logs, on the valid predictions taken back to bins.
     metrics.update(
-        summarize_duplicates(objects_in_bins(i.preds, i.width, i.height) for i in images).metrics()
+        summarize_duplicates(objects_in_bins_batch([(i.preds, i.width, i.height) for i in images])).metrics()
     )
     files["per_image.json"] = json_compact(
         [
@@ -664,6 +685,9 @@ def _evaluate_artifact(
     summary_meta = _meta(
         settings, coco.backend, "official" if official_gt is not None else "artifact", semantic, len(images)
     )
+    if no_metrics_reason is not None:
+        summary_meta["metrics_computed"] = False
+        summary_meta["no_metrics_reason"] = no_metrics_reason
     with staged_directory(Path(output_dir)) as staging:
         for name, text in optional.items():
             if not write_best_effort(staging / name, text):
@@ -694,7 +718,13 @@ def evaluate_coco_results(
     """COCO metrics only (§4.1 second bullet): a COCO results JSON against an official COCO GT
     (an LVIS annotation file and federated AP with ``eval.dataset_style: lvis``)."""
     check_settings(settings)
-    gt = canonical_coco_gt(_read_json(Path(gt_json)), str(gt_json))
+    raw_gt = _read_json(Path(gt_json))
+    if isinstance(raw_gt, dict) and is_image_info(raw_gt):
+        raise ArtifactError(
+            f"{gt_json}: an image-info file (no 'annotations'): a COCO results file cannot be scored "
+            "against it; it is accepted only to export coco_preds.json from an artifact"
+        )
+    gt = canonical_coco_gt(raw_gt, str(gt_json))
     lvis_used = require_lvis(settings, lvis, gt, str(gt_json)) if settings.dataset_style == "lvis" else None
     results = _read_json(Path(results_json))
     if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from domain.codec import bins_to_pixels
 from domain.duplicates import (
+    objects_in_bins_batch,
     DEFAULT_DUPLICATE_IOU_THRESHOLD,
     duplicate_desc_key,
     duplicate_stats,
@@ -218,3 +219,40 @@ def test_artifact_pixels_come_back_to_the_same_bins(objs: list[DetObject], width
     back = objects_in_bins(pixel_objs, width, height)
     assert back == tuple(objs)
     assert duplicate_stats(back) == duplicate_stats(objs)
+
+
+@st.composite
+def pixel_images(draw: st.DrawFn) -> list[tuple[list[EvalObject], int, int]]:
+    """Images of 1..3000 px sides (tie-heavy sizes included) with boxes, polygons and odd values."""
+    out = []
+    for _ in range(draw(st.integers(0, 4))):
+        width = draw(st.one_of(st.integers(1, 3000), st.sampled_from([1, 2, 3, 1000, 1999, 2000, 1998])))
+        height = draw(st.one_of(st.integers(1, 3000), st.sampled_from([1, 2, 3, 1000, 1999, 2000, 1998])))
+        xs, ys = st.integers(0, width - 1), st.integers(0, height - 1)
+        objects = []
+        for _ in range(draw(st.integers(0, 5))):
+            if draw(st.booleans()):
+                x1, x2 = sorted((draw(xs), draw(xs)))
+                y1, y2 = sorted((draw(ys), draw(ys)))
+                objects.append(EvalObject(GeometryKind.BBOX, (x1, y1, x2, y2), "a"))
+            else:
+                objects.append(EvalObject(GeometryKind.POLY, (draw(xs), draw(ys), draw(xs), draw(ys), draw(xs),
+                                                              draw(ys)), "b"))  # fmt: skip
+        out.append((objects, width, height))
+    return out
+
+
+@given(pixel_images())
+@settings(max_examples=200, deadline=None)
+def test_the_batch_conversion_equals_the_exact_codec_object_by_object(
+    images: list[tuple[list[EvalObject], int, int]],
+) -> None:
+    assert objects_in_bins_batch(images) == [objects_in_bins(o, w, h) for o, w, h in images]
+
+
+def test_the_batch_conversion_rounds_ties_to_even_like_the_codec() -> None:
+    """Width 1999: d = 1998 and v * 999 / 1998 = v / 2, a tie for every odd v."""
+    boxes = [EvalObject(GeometryKind.BBOX, (v, v, v + 2, v + 2), "t") for v in range(1, 41, 2)]
+    (batch,) = objects_in_bins_batch([(boxes, 1999, 1999)])
+    assert batch == objects_in_bins(boxes, 1999, 1999)
+    assert [o.bins[0] for o in batch] == [round(v / 2) for v in range(1, 41, 2)]  # Python rounds half to even
