@@ -691,11 +691,26 @@ def canonical_coco_id(value: object, where: str) -> int:
     raise ArtifactError(f"{where}: COCO id must be an int, got {value!r}")
 
 
-def canonical_coco_gt(gt: Mapping[str, Any], source: str = "coco_gt_json") -> dict[str, Any]:
-    """A copy of an official COCO GT with integer image ids everywhere (both libraries then agree)."""
-    for key in ("images", "annotations", "categories"):
+def is_image_info(gt: Mapping[str, Any]) -> bool:
+    """True for an image-info file (COCO test-dev, any split without public annotations): a document
+    with ``images`` and ``categories`` but no ``annotations`` key. An empty ``annotations`` list is a
+    ground truth (every image without objects), not an image-info file."""
+    return "annotations" not in gt and "images" in gt and "categories" in gt
+
+
+def canonical_coco_gt(
+    gt: Mapping[str, Any], source: str = "coco_gt_json", *, image_info: bool = False
+) -> dict[str, Any]:
+    """A copy of an official COCO GT with integer image ids everywhere (both libraries then agree).
+
+    ``image_info=True`` accepts an image-info file (:func:`is_image_info`): its ``annotations`` is
+    then the empty list. Without it a missing ``annotations`` is refused."""
+    keys = ("images", "categories") if image_info else ("images", "annotations", "categories")
+    for key in keys:
         if not isinstance(gt.get(key), list):
             raise ArtifactError(f"{source}: '{key}' must be a list")
+    if image_info and "annotations" in gt:
+        raise ArtifactError(f"{source}: an image-info file has no 'annotations'")
     # a plain int id is kept as is without formatting the error location (canonical_coco_id would keep it too)
     images = [
         {
@@ -707,7 +722,7 @@ def canonical_coco_gt(gt: Mapping[str, Any], source: str = "coco_gt_json") -> di
     annotations = [
         {**ann, "image_id": v if type(v := ann.get("image_id")) is int
          else canonical_coco_id(v, f"{source}: annotations[{i}].image_id")}
-        for i, ann in enumerate(gt["annotations"])
+        for i, ann in enumerate(gt.get("annotations", ()))
     ]  # fmt: skip
     out = dict(gt)
     out["images"] = images

@@ -281,6 +281,125 @@ def test_export_round_trips_through_pycocotools_with_non_uniform_resize(tmp_path
     assert copy.deepcopy(exported) == exported
 
 
+def image_info_file(tmp_path: Path) -> Path:
+    """A test-dev style image-info file: COCO-100's ``images`` and ``categories``, no ``annotations``."""
+    gt = json.loads((COCO100 / "instances_val2014_100.json").read_text())
+    info = {k: v for k, v in gt.items() if k != "annotations"}
+    assert "annotations" not in info and info["images"] and info["categories"]
+    return write_json(tmp_path / "image_info_test.json", info)
+
+
+def non_uniform_records() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    gt = json.loads((COCO100 / "instances_val2014_100.json").read_text())
+    results = json.loads((COCO100 / "fakebbox100_results.json").read_text())
+    rng = random.Random(5)
+    factors = {img["id"]: (rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)) for img in gt["images"]}
+    return artifact_from(gt, results, factors)
+
+
+def run_in(directory: Path, records: list[dict[str, Any]], **changes: Any) -> tuple[Any, Path]:
+    """The use case in ``directory`` (created), ``eval.metrics`` among the settings one may change."""
+    directory.mkdir(parents=True, exist_ok=True)
+    artifact = write_artifact(directory / "gt_vs_pred.jsonl", records)
+    settings = attrs.evolve(EvalConfig(), **{"metrics": "coco", "use_segm": False, **changes})
+    out = directory / "eval"
+    summary = evaluate_artifact(
+        artifact, settings, out, coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF
+    )
+    return summary, out
+
+
+def assert_no_scores(summary: Any) -> None:
+    scores = [k for k in summary.metrics if k.startswith(("bbox_", "segm_")) or "f1" in k or "precision" in k
+              or "recall" in k]  # fmt: skip
+    assert scores == []
+    assert summary.meta["metrics_computed"] is False
+    assert "no metric was computed" in summary.meta["no_metrics_reason"]
+    assert "has no annotations" in summary.meta["no_metrics_reason"]
+
+
+@pytest.mark.parametrize("metrics", ["coco", "both"])
+def test_test_dev_image_info_file_is_exported_not_scored(tmp_path: Path, metrics: str) -> None:
+    """Issue 16 item 2: an image-info ``eval.coco_gt_json`` (COCO test-dev) exports ``coco_preds.json``
+    with original ids and per-axis rescaled boxes, identical to the export against the full annotations,
+    and ``metrics.json`` states that nothing was scored."""
+    from pycocotools.coco import COCO
+
+    info_path = image_info_file(tmp_path)
+    info = json.loads(info_path.read_text())
+    records, expected = non_uniform_records()
+    full_summary, full_out = run_in(
+        tmp_path / "full", records, coco_gt_json=COCO100 / "instances_val2014_100.json"
+    )
+    assert full_summary.metrics["bbox_AP"] > 0
+    test_dev = [{**r, "gt": []} for r in records]  # test-dev records carry no ground truth
+    with pytest.warns(RuntimeWarning, match="no metric was computed") as caught:
+        summary, out = run_in(tmp_path / "test_dev", test_dev, coco_gt_json=info_path, metrics=metrics)
+    assert len([w for w in caught if "no metric" in str(w.message)]) == 1
+    assert_no_scores(summary)
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["meta"]["no_metrics_reason"] == summary.meta["no_metrics_reason"]
+    assert document["metrics"] == dict(summary.metrics)
+    assert not (out / "per_class.csv").exists() and not (out / "pr_curves.json").exists()
+    assert not list(out.glob("matches*"))
+
+    exported = json.loads((out / "coco_preds.json").read_text())
+    assert exported == json.loads((full_out / "coco_preds.json").read_text())  # identical predictions
+    assert len(exported) == len(expected) > 100
+    image_ids = {img["id"] for img in info["images"]}
+    category_ids = {c["id"] for c in info["categories"]}
+    for got, want in zip(exported, expected):
+        assert got["image_id"] in image_ids and got["category_id"] in category_ids
+        assert (got["image_id"], got["category_id"], got["score"]) == (
+            want["image_id"], want["category_id"], want["score"],
+        )  # fmt: skip
+        assert max(abs(a - b) for a, b in zip(got["bbox"], want["bbox"])) <= 1e-9
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(COCO100 / "instances_val2014_100.json"))
+        loaded = coco_gt.loadRes(str(out / "coco_preds.json"))
+    assert len(loaded.getAnnIds()) == len(exported)
+    assert set(loaded.getImgIds()) <= image_ids
+
+
+def test_test_dev_image_info_with_lvis_style_exports(tmp_path: Path) -> None:
+    """An LVIS test-dev image-info file has no federated fields to check: exported, not scored."""
+    info_path = image_info_file(tmp_path)
+    records, _ = non_uniform_records()
+    with pytest.warns(RuntimeWarning, match="no metric was computed"):
+        summary, out = run_in(tmp_path / "test_dev", records, dataset_style="lvis", coco_gt_json=info_path)
+    assert_no_scores(summary)
+    assert not (out / "per_frequency.json").exists()
+    _, full_out = run_in(tmp_path / "full", records, coco_gt_json=COCO100 / "instances_val2014_100.json")
+    exported = json.loads((out / "coco_preds.json").read_text())
+    assert exported == json.loads((full_out / "coco_preds.json").read_text())
+
+
+def test_image_info_file_cannot_score_a_results_file(tmp_path: Path) -> None:
+    info_path = image_info_file(tmp_path)
+    settings = attrs.evolve(
+        EvalConfig(), coco_gt_json=info_path, coco_results_json=COCO100 / "fakebbox100_results.json"
+    )
+    with pytest.raises(ArtifactError, match="image-info file"):
+        run_evaluation(
+            settings,
+            None,
+            tmp_path / "eval",
+            coco=wiring.make_coco_evaluator("faster_coco_eval"),
+            semantic=OFF,
+        )
+    assert not (tmp_path / "eval").exists()
+
+
+def test_empty_annotations_list_is_still_scored(tmp_path: Path) -> None:
+    """``"annotations": []`` is a ground truth without objects, not an image-info file: it is scored."""
+    gt = json.loads((COCO100 / "instances_val2014_100.json").read_text())
+    gt_path = write_json(tmp_path / "no_objects.json", {**gt, "annotations": []})
+    records, _ = non_uniform_records()
+    summary, out = run_in(tmp_path / "empty", records, coco_gt_json=gt_path)
+    assert "bbox_AP" in summary.metrics and "no_metrics_reason" not in summary.meta
+    assert (out / "per_class.csv").exists()
+
+
 def test_lvis_synonym_maps_like_the_name(tmp_path: Path) -> None:
     gt_path, records = not_exhaustive_case(tmp_path)
     gt = json.loads(gt_path.read_text())

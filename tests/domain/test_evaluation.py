@@ -36,6 +36,7 @@ from domain.evaluation import (
     f1ish_scope_mask,
     f1ish_summary,
     greedy_match,
+    is_image_info,
     join_official_images,
     matches_file_name,
     normalize_desc,
@@ -390,6 +391,22 @@ def test_prediction_scaling_to_official_size() -> None:
     poly = EvalObject(POLY, (0, 0, 10, 0, 10, 10), "a", 0.5)
     seg = coco_prediction(poly, coco_image_id=1, category_id=1, with_segmentation=True, scale=(2.0, 0.5))
     assert seg["segmentation"] == [[0.0, 0.0, 20.0, 0.0, 20.0, 5.0]]
+
+
+def test_image_info_file_is_accepted_only_when_asked() -> None:
+    """A test-dev image-info file (no ``annotations`` key) is not a ground truth with no objects."""
+    info = {"images": [{"id": "7", "file_name": "x.jpg", "width": 4, "height": 3}], "categories": []}
+    assert is_image_info(info)
+    assert not is_image_info({**info, "annotations": []})
+    assert not is_image_info({"images": []})
+    with pytest.raises(ArtifactError, match="'annotations' must be a list"):
+        canonical_coco_gt(info, "info.json")
+    gt = canonical_coco_gt(info, "info.json", image_info=True)
+    assert gt["annotations"] == [] and gt["images"][0]["id"] == 7 and "annotations" not in info
+    with pytest.raises(ArtifactError, match="'categories' must be a list"):
+        canonical_coco_gt({"images": []}, "info.json", image_info=True)
+    with pytest.raises(ArtifactError, match="has no 'annotations'"):
+        canonical_coco_gt({**info, "annotations": []}, "info.json", image_info=True)
 
 
 def test_official_join_by_image_id_then_basename() -> None:
