@@ -19,7 +19,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from domain.codec import MAX_BIN, pixels_to_bins
+from domain.codec import MAX_BIN, int_boxes_to_bins, pixels_to_bins
 from domain.errors import ArtifactError, ConfigError, GeometryError
 from domain.geometry import pairwise_box_iou
 from domain.objects import DetObject, GeometryKind
@@ -72,8 +72,8 @@ def _plain_box(points: Sequence[object], last_x: int, last_y: int) -> bool:
 
 def objects_in_bins_batch(images: Sequence[tuple[Sequence[PixelShape], int, int]]) -> list[tuple[DetObject, ...]]:
     """:func:`objects_in_bins` of many images at once: the boxes of plain in-range ints (the common case)
-    go through the codec's integer rule in one numpy pass (``divmod(v * 999, d)``, ties to even: the exact
-    rational of :func:`domain.codec.pixel_to_bin`); anything else takes the exact per-object path. Equal to
+    go through :func:`domain.codec.int_boxes_to_bins` in one numpy pass; anything else takes the exact
+    per-object path. Equal to
     ``[objects_in_bins(o, w, h) for o, w, h in images]`` (tests/domain/test_duplicates.py holds it)."""
     fast_points: list[Sequence[object]] = []
     fast_sizes: list[tuple[int, int]] = []
@@ -86,21 +86,15 @@ def objects_in_bins_batch(images: Sequence[tuple[Sequence[PixelShape], int, int]
             points = o.points
             if plain_size and o.kind is GeometryKind.BBOX and _plain_box(points, width - 1, height - 1):
                 fast_points.append(points)
-                fast_sizes.append((max(1, width - 1), max(1, height - 1)))
+                fast_sizes.append((width, height))
                 where.append((k, j))
                 row.append(None)
             else:
                 row.append(DetObject(o.desc, o.kind, pixels_to_bins(o.points, width, height)))
         slots.append(row)
-    if fast_points:
-        values = np.asarray(fast_points, dtype=np.int64) * MAX_BIN
-        sizes = np.asarray(fast_sizes, dtype=np.int64)
-        d = sizes[:, [0, 1, 0, 1]]
-        q, r = np.divmod(values, d)
-        bins = (q + ((2 * r > d) | ((2 * r == d) & (q % 2 == 1)))).tolist()
-        for (k, j), box in zip(where, bins):
-            o = images[k][0][j]
-            slots[k][j] = DetObject(o.desc, o.kind, box)
+    for (k, j), box in zip(where, int_boxes_to_bins(fast_points, fast_sizes)):  # type: ignore[arg-type]
+        o = images[k][0][j]
+        slots[k][j] = DetObject(o.desc, o.kind, box)
     return [tuple(o for o in row if o is not None) for row in slots]
 
 

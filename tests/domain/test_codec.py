@@ -18,6 +18,7 @@ from domain.codec import (
     bin_to_pixel_float,
     bins_to_pixels,
     exact_value,
+    int_boxes_to_bins,
     pixel_to_bin,
     pixels_to_bins,
     round_half_even,
@@ -332,3 +333,14 @@ def test_int_fast_path_leaves_everything_else_to_the_exact_path(
     flat: list[object], size: tuple[int, int]
 ) -> None:
     assert codec.int_pixels_to_bins(flat, *size) is None
+
+
+def test_many_boxes_at_once_equal_the_exact_rule_on_every_pixel_of_tie_heavy_sizes() -> None:
+    """``int_boxes_to_bins`` (one numpy pass) against ``pixel_to_bin`` on every pixel of sizes whose d = W - 1
+    divides 999 * v into exact halves (ties) and of the degenerate 1-pixel side."""
+    for width, height in ((1999, 3), (3, 1999), (1, 1), (2, 1000), (1000, 2)):
+        boxes = [(x, y, x, y) for x in range(width) for y in range(0, height, max(1, height // 7))]
+        got = int_boxes_to_bins(boxes, [(width, height)] * len(boxes))
+        want = [[pixel_to_bin(x, width), pixel_to_bin(y, height)] * 2 for x, y, _, _ in boxes]
+        assert got == want, (width, height)
+    assert int_boxes_to_bins([], []) == []
