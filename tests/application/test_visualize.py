@@ -440,3 +440,4 @@ def test_an_empty_result_is_explained_on_the_report(tmp_path: Path) -> None:
     text = (run / "vis" / "report.html").read_text(encoding="utf-8")
     summary = re.findall(r'<p class="summary">([^<]+)</p>', text)
     assert summary == ["0 predictions on 3 images: 2 parse_failed, 2 truncated, 1 objects dropped by the parser"]
+    assert "index 0 · 0.png · 1 GT, 0 predictions · empty_pred, parse_failed, truncated" in text
