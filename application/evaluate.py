@@ -4,8 +4,10 @@
 ``eval.coco_results_json``, a COCO results file against ``eval.coco_gt_json``) and replaces
 ``eval.output_dir`` with a fresh directory of outputs (§4.5).
 
-The use case receives its adapters (``CocoEvaluator``, ``TextEncoder``) as arguments; the concrete
-choice is made in :mod:`application.wiring`.
+The use case receives its ports (``ArtifactStore``, ``CocoEvaluator``, ``LvisEvaluator``, the
+``SemanticStep``, the overlay renderer and ``ImageStore``) as arguments, bundled in
+:class:`EvaluateDependencies`; only the entry point (:func:`default_dependencies`, called from ``main``)
+asks :mod:`application.wiring` for them.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ from application.lvis_eval import (
     per_frequency_document,
     require_lvis,
 )
-from domain.duplicates import objects_in_bins_batch, summarize_duplicates
+from domain.duplicates import (
+    DEFAULT_DUPLICATE_IOU_THRESHOLD,
+    DuplicateStats,
+    DuplicateSummary,
+    duplicate_desc_key,
+    duplicate_stats,
+    objects_in_bins_batch,
+    summarize_duplicate_stats,
+)
 from domain.errors import ArtifactError, ConfigError, ImageFileError
 from domain.evaluation import (
     Category,
@@ -47,6 +57,7 @@ from domain.evaluation import (
     CocoEvaluation,
     DescMapping,
     EvalImage,
+    EvalObject,
     EvalSummary,
     F1ishImage,
     MappingRule,
@@ -81,12 +92,13 @@ from domain.evaluation import (
     rebuilt_coco_gt,
     semantic_report,
 )
+from domain.geometry import box_iou
 from domain.lvis import LvisEvaluation
-from domain.objects import GeometryKind
+from domain.objects import DetObject, GeometryKind
 from domain.records import image_path_problem
 from ports.evaluation import CocoEvaluator, LvisEvaluator, SemanticStep, TextEncoder
 from ports.rendering import ImageRenderer, OverlayObject, OverlayRole, OverlayStyle
-from ports.storage import ImageStore
+from ports.storage import ArtifactStore, ImageStore
 
 PREPARE_CHUNK = 256
 OVERLAY_DIR = "overlays"
@@ -276,19 +288,17 @@ def per_class_csv(evaluation: CocoEvaluation | LvisEvaluation, table: CategoryTa
     return buffer.getvalue()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    from application import wiring
-
+def _write_bytes(store: ArtifactStore, path: Path, data: bytes) -> None:
     # the one durable writer: a full disk is reported with the file's path, no partial file stays
-    wiring.make_artifact_store().write_bytes(path, data)
+    store.write_bytes(path, data)
 
 
-def _write_file(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode("utf-8"))
+def _write_file(store: ArtifactStore, path: Path, text: str) -> None:
+    _write_bytes(store, path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
-def staged_directory(output_dir: Path) -> Iterator[Path]:
+def staged_directory(output_dir: Path, store: ArtifactStore) -> Iterator[Path]:
     """A fresh sibling temp directory that replaces ``output_dir`` as a whole on success (§4.5).
 
     Nothing from an earlier evaluation survives; on an exception the staging directory is removed
@@ -296,9 +306,7 @@ def staged_directory(output_dir: Path) -> Iterator[Path]:
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    from application import wiring
-
-    staging = wiring.make_artifact_store().make_staging_directory(
+    staging = store.make_staging_directory(
         output_dir.parent, prefix=f".{output_dir.name}.tmp-"
     )
     try:
@@ -313,10 +321,10 @@ def staged_directory(output_dir: Path) -> Iterator[Path]:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def write_best_effort(path: Path, text: str) -> bool:
+def write_best_effort(store: ArtifactStore, path: Path, text: str) -> bool:
     """Write a diagnostic file; False (never an exception) when that fails."""
     try:
-        _write_file(path, text)
+        _write_file(store, path, text)
     except (OSError, UnicodeError):
         return False
     return True
@@ -519,12 +527,105 @@ def run_f1ish(
     return metrics, results
 
 
+def _overlap_candidates(preds: Sequence[EvalObject], keys: dict[str, str]) -> list[int] | None:
+    """Indices of the box predictions of one image that can be in a duplicate-like pair (sorted), None if
+    none can: two boxes of one description key with a positive pixel overlap.
+
+    The monitor compares boxes in bins, and pixel -> bin is non-decreasing on each axis: boxes that do not
+    overlap in pixels (``a.x2 <= b.x1``, ...) do not overlap in bins either, so their IoU is 0, below any
+    threshold > 0. Groups without such a pair cannot form a cluster and are left out."""
+    groups: dict[str, list[int]] = {}
+    for j, o in enumerate(preds):
+        if o.kind is GeometryKind.BBOX:
+            desc = o.desc
+            key = keys.get(desc)
+            if key is None:
+                key = keys[desc] = duplicate_desc_key(desc)
+            groups.setdefault(key, []).append(j)
+    if len(groups) == len(preds):  # every box alone under its key (and no polygon): nothing to pair
+        return None
+    out: list[int] = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        boxes = [preds[j].points for j in members]
+        if any(
+            min(ax2, bx2) > max(ax1, bx1) and min(ay2, by2) > max(ay1, by1)
+            for a, (ax1, ay1, ax2, ay2) in enumerate(boxes)
+            for bx1, by1, bx2, by2 in boxes[a + 1 :]
+        ):
+            out += members
+    return sorted(out) if out else None
+
+
+def duplicate_summary(images: Sequence[EvalImage]) -> DuplicateSummary:
+    """The duplicate monitor (stage2.md §18.7) over every image's valid predictions taken back to bins.
+
+    Equal to ``summarize_duplicates(objects_in_bins_batch([(i.preds, i.width, i.height) for i in images]))``
+    (tests hold it so) with less work: an image whose box predictions cannot pair (see
+    :func:`_overlap_candidates`) has the stats of no duplicate, and only the groups that can pair go
+    through the pixel -> bin conversion and :func:`duplicate_stats`; a cluster never spans two groups."""
+    keys: dict[str, str] = {}
+    items: list[DuplicateStats | None] = []
+    todo: list[tuple[int, list[int]]] = []
+    for k, image in enumerate(images):
+        preds = image.preds
+        candidates = _overlap_candidates(preds, keys)
+        if candidates is not None:
+            todo.append((k, candidates))
+        items.append(None)
+    if todo:
+        subsets = [([images[k].preds[j] for j in sel], images[k].width, images[k].height) for k, sel in todo]
+        for (k, sel), objects in zip(todo, objects_in_bins_batch(subsets)):
+            if not _may_pair_in_bins(objects, keys):
+                continue
+            part = duplicate_stats(objects)
+            items[k] = attrs.evolve(
+                part,
+                valid_objects=_box_count(images[k].preds),
+                clusters=tuple(tuple(sel[i] for i in c) for c in part.clusters),
+            )
+    return summarize_duplicate_stats(
+        [s if s is not None else _no_duplicate(_box_count(im.preds)) for s, im in zip(items, images)]
+    )
+
+
+def _may_pair_in_bins(objects: Sequence[DetObject], keys: dict[str, str]) -> bool:
+    """True when two boxes of one description key reach the monitor's IoU threshold in bins, computed by
+    :func:`domain.geometry.box_iou` (each entry of the monitor's ``pairwise_box_iou`` equals it exactly)
+    on the boxes canonicalised by min / max as the monitor does."""
+    groups: dict[str, list[tuple[int, int, int, int]]] = {}
+    for o in objects:
+        x1, y1, x2, y2 = o.bins
+        groups.setdefault(keys[o.desc], []).append((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
+    return any(
+        box_iou(a, b) >= DEFAULT_DUPLICATE_IOU_THRESHOLD
+        for boxes in groups.values()
+        for i, a in enumerate(boxes)
+        for b in boxes[i + 1 :]
+    )
+
+
+def _box_count(preds: Sequence[EvalObject]) -> int:
+    return sum(1 for o in preds if o.kind is GeometryKind.BBOX)
+
+
+def _no_duplicate(boxes: int) -> DuplicateStats:
+    return DuplicateStats(valid_objects=boxes, pairs=0, max_cluster_size=1, excess_objects=0, clusters=())
+
+
 def overlay_file_name(image_id: int) -> str:
     return f"overlay_{image_id:06d}.png"
 
 
 def draw_overlays(
-    images: Sequence[EvalImage], artifact: Path, k: int, setup: OverlaySetup, target: Path, warn: Warn
+    images: Sequence[EvalImage],
+    artifact: Path,
+    k: int,
+    setup: OverlaySetup,
+    target: Path,
+    warn: Warn,
+    store: ArtifactStore,
 ) -> int:
     """The first ``k`` images by image_id with GT (desc above) and predictions (desc and score below)
     into ``target``; an image that cannot be found or read is one warning and is skipped."""
@@ -548,6 +649,7 @@ def draw_overlays(
         objects += [OverlayObject(OverlayRole.PRED, o.kind, o.points, o.desc, o.score) for o in image.preds]
         target.mkdir(exist_ok=True)
         _write_bytes(
+            store,
             target / overlay_file_name(image.image_id),
             setup.renderer.overlay_png(pixels, objects, setup.style),
         )
@@ -583,10 +685,12 @@ def evaluate_artifact(
     overlays: OverlaySetup | None = None,
     warn: Warn = warn_runtime,
     lvis: LvisEvaluator | None = None,
+    artifacts: ArtifactStore,
 ) -> EvalSummary:
     """Evaluate ``gt_vs_pred.jsonl`` (§4.1-§4.5) and replace ``output_dir`` with the outputs.
 
     ``overlays`` is used when ``eval.overlay`` is true; without it the overlays are skipped with a warning.
+    ``artifacts`` writes every output.
     """
     with collector_paused():
         return _evaluate_artifact(
@@ -598,6 +702,7 @@ def evaluate_artifact(
             overlays=overlays,
             warn=warn,
             lvis=lvis,
+            store=artifacts,
         )
 
 
@@ -611,6 +716,7 @@ def _evaluate_artifact(
     overlays: OverlaySetup | None,
     warn: Warn,
     lvis: LvisEvaluator | None,
+    store: ArtifactStore,
 ) -> EvalSummary:
     check_settings(settings)
     official_gt = None
@@ -673,9 +779,7 @@ def _evaluate_artifact(
             )
 
     # stage2.md §18.7: the duplicate monitor Channel B logs, on the valid predictions taken back to bins.
-    metrics.update(
-        summarize_duplicates(objects_in_bins_batch([(i.preds, i.width, i.height) for i in images])).metrics()
-    )
+    metrics.update(duplicate_summary(images).metrics())
     files["per_image.json"] = json_compact(
         [
             per_image_entry(image, {thr: f1ish_results[thr][k] for thr in f1ish_results})
@@ -688,21 +792,21 @@ def _evaluate_artifact(
     if no_metrics_reason is not None:
         summary_meta["metrics_computed"] = False
         summary_meta["no_metrics_reason"] = no_metrics_reason
-    with staged_directory(Path(output_dir)) as staging:
+    with staged_directory(Path(output_dir), store) as staging:
         for name, text in optional.items():
-            if not write_best_effort(staging / name, text):
+            if not write_best_effort(store, staging / name, text):
                 counters["semantic_report_failed"] += 1
         for name, text in files.items():
-            _write_file(staging / name, text)
+            _write_file(store, staging / name, text)
         if settings.overlay:
             if overlays is None:
                 warn("eval.overlay is true but no image renderer was given; overlays skipped")
             else:
                 draw_overlays(
-                    images, Path(artifact), settings.overlay_k, overlays, staging / OVERLAY_DIR, warn
+                    images, Path(artifact), settings.overlay_k, overlays, staging / OVERLAY_DIR, warn, store
                 )
         summary = EvalSummary(metrics=metrics, counters=counters, meta=summary_meta)
-        _write_file(staging / "metrics.json", json_text(summary.to_json()))
+        _write_file(store, staging / "metrics.json", json_text(summary.to_json()))
     return summary
 
 
@@ -714,9 +818,11 @@ def evaluate_coco_results(
     *,
     coco: CocoEvaluator,
     lvis: LvisEvaluator | None = None,
+    artifacts: ArtifactStore,
 ) -> EvalSummary:
     """COCO metrics only (§4.1 second bullet): a COCO results JSON against an official COCO GT
     (an LVIS annotation file and federated AP with ``eval.dataset_style: lvis``)."""
+    store = artifacts
     check_settings(settings)
     raw_gt = _read_json(Path(gt_json))
     if isinstance(raw_gt, dict) and is_image_info(raw_gt):
@@ -759,15 +865,17 @@ def evaluate_coco_results(
         meta=_meta(settings, coco.backend, "official", step, len(gt["images"])),
     )
     table = CategoryTable([_category(c) for c in gt["categories"]])
-    with staged_directory(Path(output_dir)) as staging:
-        _write_file(staging / "per_class.csv", per_class_csv(evaluations[0], table))
+    with staged_directory(Path(output_dir), store) as staging:
+        _write_file(store, staging / "per_class.csv", per_class_csv(evaluations[0], table))
         if lvis_used is not None:
             lvis_parts = [e for e in evaluations if isinstance(e, LvisEvaluation)]
-            _write_file(staging / PER_FREQUENCY_JSON, json_text(per_frequency_document(lvis_parts)))
+            _write_file(store, staging / PER_FREQUENCY_JSON, json_text(per_frequency_document(lvis_parts)))
         _write_file(
-            staging / "pr_curves.json", json_text({"iou_type": "bbox", **evaluations[0].curves.to_json()})
+            store,
+            staging / "pr_curves.json",
+            json_text({"iou_type": "bbox", **evaluations[0].curves.to_json()}),
         )
-        _write_file(staging / "metrics.json", json_text(summary.to_json()))
+        _write_file(store, staging / "metrics.json", json_text(summary.to_json()))
     return summary
 
 
@@ -790,6 +898,7 @@ def run_evaluation(
     semantic: SemanticStep,
     overlays: OverlaySetup | None = None,
     lvis: LvisEvaluator | None = None,
+    artifacts: ArtifactStore,
 ) -> EvalSummary:
     """The eval stage: a COCO results file when ``eval.coco_results_json`` is set, else the artifact."""
     if settings.coco_results_json is not None:
@@ -797,15 +906,43 @@ def run_evaluation(
             raise ConfigError("'eval.coco_gt_json' is required with 'eval.coco_results_json'")
         return evaluate_coco_results(
             Path(settings.coco_results_json), Path(settings.coco_gt_json), settings, output_dir,
-            coco=coco, lvis=lvis,
+            coco=coco, lvis=lvis, artifacts=artifacts,
         )  # fmt: skip
     if artifact is None:
         raise ConfigError(
             "no artifact to evaluate: set 'infer.gt_vs_pred_jsonl' or 'run.output_dir' + 'run.name'"
         )
     return evaluate_artifact(
-        Path(artifact), settings, output_dir, coco=coco, semantic=semantic, overlays=overlays, lvis=lvis
-    )
+        Path(artifact), settings, output_dir, coco=coco, semantic=semantic, overlays=overlays, lvis=lvis,
+        artifacts=artifacts,
+    )  # fmt: skip
+
+
+@attrs.frozen(eq=False)
+class EvaluateDependencies:
+    """The ports of one evaluation (the entry point's: :func:`default_dependencies`; tests: fakes)."""
+
+    artifacts: ArtifactStore
+    coco: CocoEvaluator
+    semantic: SemanticStep
+    lvis: LvisEvaluator | None = None
+    overlays: OverlaySetup | None = None
+    warn: Warn = warn_runtime
+
+
+def evaluate(
+    settings: EvalConfig, artifact: Path | None, output_dir: Path, deps: EvaluateDependencies
+) -> EvalSummary:
+    """:func:`run_evaluation` with every port from ``deps``."""
+    if settings.coco_results_json is not None or artifact is None:
+        return run_evaluation(
+            settings, artifact, output_dir, coco=deps.coco, semantic=deps.semantic, overlays=deps.overlays,
+            lvis=deps.lvis, artifacts=deps.artifacts,
+        )  # fmt: skip
+    return evaluate_artifact(
+        Path(artifact), settings, output_dir, coco=deps.coco, semantic=deps.semantic, overlays=deps.overlays,
+        warn=deps.warn, lvis=deps.lvis, artifacts=deps.artifacts,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -841,8 +978,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_entry_point(argv, PROG, _evaluate_main)
 
 
-def _evaluate_main(config_path: Path) -> int:
+def default_dependencies(settings: EvalConfig, image_root: Path | None) -> EvaluateDependencies:
+    """The ports of ``python -m application.evaluate``, from :mod:`application.wiring` (the entry point's
+    composition; the use case receives them)."""
     from application import wiring
+
+    return EvaluateDependencies(
+        artifacts=wiring.make_artifact_store(),
+        coco=wiring.make_coco_evaluator(settings.coco_backend),
+        semantic=wiring.make_semantic_step(settings.semantic),
+        lvis=wiring.make_lvis_evaluator(settings.lvis_backend) if settings.dataset_style == "lvis" else None,
+        overlays=(
+            OverlaySetup(wiring.make_image_renderer(), wiring.make_image_store(), image_root)
+            if settings.overlay
+            else None
+        ),
+    )
+
+
+def _evaluate_main(config_path: Path) -> int:
     from application.config import check_local_paths, load_config
 
     loaded = load_config(config_path, entry_point="evaluate")
@@ -851,20 +1005,11 @@ def _evaluate_main(config_path: Path) -> int:
     settings: EvalConfig = config.eval
     check_settings(settings)
     artifact, output_dir = resolve_paths(config)
-    coco = wiring.make_coco_evaluator(settings.coco_backend)
-    semantic = wiring.make_semantic_step(settings.semantic)
-    overlays = (
-        OverlaySetup(wiring.make_image_renderer(), wiring.make_image_store(), config.data.image_root)
-        if settings.overlay
-        else None
-    )
-    lvis = wiring.make_lvis_evaluator(settings.lvis_backend) if settings.dataset_style == "lvis" else None
+    deps = default_dependencies(settings, config.data.image_root)
     from application.run_lock import hold_run_directory
 
     with hold_run_directory(config, PROG, fallback=output_dir):
-        summary = run_evaluation(
-            settings, artifact, output_dir, coco=coco, semantic=semantic, overlays=overlays, lvis=lvis
-        )
+        summary = evaluate(settings, artifact, output_dir, deps)
     headline = {
         k: v
         for k, v in summary.metrics.items()

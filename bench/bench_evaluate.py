@@ -31,7 +31,7 @@ import attrs
 
 from application.config.schema import EvalConfig
 from application.evaluate import evaluate_artifact
-from application.wiring import make_coco_evaluator
+from application.wiring import make_artifact_store, make_coco_evaluator
 from ports.evaluation import SemanticStep
 
 NAMES = [f"class_{k}" for k in range(20)]
@@ -141,6 +141,7 @@ def main() -> int:
 
     t_ref, ref = best_of(args.repeats, lambda: pycocotools_direct(gt, results))
     evaluator = make_coco_evaluator("faster_coco_eval")
+    store = make_artifact_store()
     t_port, port = best_of(args.repeats, lambda: list(evaluator.evaluate(gt, results, "bbox").stats))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +151,7 @@ def main() -> int:
         def use_case(metrics: str) -> list[float]:
             settings = attrs.evolve(EvalConfig(), use_segm=False, metrics=metrics)
             summary = evaluate_artifact(artifact, settings, Path(tmp) / "eval", coco=evaluator,
-                                        semantic=SemanticStep.off("benchmark"))  # fmt: skip
+                                        semantic=SemanticStep.off("benchmark"), artifacts=store)  # fmt: skip
             return [float(summary.metrics[f"bbox_{k}"]) for k in
                     ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")]  # fmt: skip
 

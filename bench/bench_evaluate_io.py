@@ -29,7 +29,7 @@ from bench_evaluate import pycocotools_direct, synthetic
 
 import application.evaluate as use_case
 from application.config.schema import EvalConfig
-from application.wiring import make_coco_evaluator
+from application.wiring import make_artifact_store, make_coco_evaluator
 from ports.evaluation import SemanticStep
 
 
@@ -92,7 +92,7 @@ def main() -> int:
         evaluator = make_coco_evaluator("faster_coco_eval")
         t0 = time.perf_counter()
         use_case.evaluate_artifact(artifact, settings, Path(tmp) / "eval", coco=evaluator,
-                                   semantic=SemanticStep.off("benchmark"))  # fmt: skip
+                                   semantic=SemanticStep.off("benchmark"), artifacts=make_artifact_store())  # fmt: skip
         total = time.perf_counter() - t0
         t_port, _ = best_of(1, lambda: evaluator.evaluate(gt, results, "bbox"))
         t_ref, _ = best_of(1, lambda: pycocotools_direct(gt, results))

@@ -97,8 +97,7 @@ def run(
     output_dir = tmp_path / out
     summary = evaluate_artifact(
         artifact, cfg(coco_backend=backend, **changes), output_dir,
-        coco=wiring.make_coco_evaluator(backend), semantic=step,
-    )  # fmt: skip
+        coco=wiring.make_coco_evaluator(backend), semantic=step,artifacts=wiring.make_artifact_store())  # fmt: skip
     return summary, output_dir
 
 
@@ -558,8 +557,7 @@ def test_malformed_line_raises_and_keeps_the_previous_output(tmp_path: Path) -> 
     artifact.write_text(json.dumps(three_image_fixture()[0]) + "\n\n{not json\n")
     with pytest.raises(ArtifactError, match=rf"Malformed JSONL at {artifact}:3: {{not json"):
         evaluate_artifact(
-            artifact, cfg(), out, coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF
-        )
+            artifact, cfg(), out, coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, artifacts=wiring.make_artifact_store())
     assert (out / "metrics.json").read_bytes() == before
 
 
@@ -588,8 +586,7 @@ def test_coco_results_input_reproduces_published_numbers(
         coco_results_json=COCO100 / results,
     )
     summary = run_evaluation(
-        settings, None, tmp_path / "eval", coco=wiring.make_coco_evaluator(backend), semantic=OFF
-    )
+        settings, None, tmp_path / "eval", coco=wiring.make_coco_evaluator(backend), semantic=OFF, artifacts=wiring.make_artifact_store())
     for name, want in zip(COCO_STAT_NAMES, published):
         assert abs(summary.metrics[f"{iou_type}_{name}"] - want) <= 1e-10, name
     assert read_json(tmp_path / "eval" / "metrics.json") == summary.to_json()
@@ -607,8 +604,7 @@ def test_crowd_case_through_the_use_case(tmp_path: Path, backend: str) -> None:
         coco_backend=backend, coco_gt_json=SHAPES / "gt_ignore_test.json", coco_results_json=results
     )
     m = run_evaluation(
-        settings, None, tmp_path / "eval", coco=wiring.make_coco_evaluator(backend), semantic=OFF
-    ).metrics
+        settings, None, tmp_path / "eval", coco=wiring.make_coco_evaluator(backend), semantic=OFF, artifacts=wiring.make_artifact_store()).metrics
     assert abs(m["bbox_AP"] - 0.7099009900990099) <= 1e-10
     assert abs(m["bbox_AP75"] - 0.8415841584158416) <= 1e-10
     assert abs(m["bbox_AR100"] - 0.7153846153846154) <= 1e-10
@@ -657,8 +653,7 @@ def test_overlays_with_the_shared_renderer(tmp_path: Path) -> None:
     artifact = write_artifact(tmp_path / "gt_vs_pred.jsonl", records)
     evaluate_artifact(
         artifact, cfg(overlay=True, overlay_k=3), tmp_path / "eval",
-        coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, overlays=setup, warn=warnings_seen.append,
-    )  # fmt: skip
+        coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, overlays=setup, warn=warnings_seen.append,artifacts=wiring.make_artifact_store())  # fmt: skip
     drawn = sorted(p.name for p in (tmp_path / "eval" / "overlays").iterdir())
     assert drawn == [
         "overlay_000000.png",
@@ -669,6 +664,5 @@ def test_overlays_with_the_shared_renderer(tmp_path: Path) -> None:
     # without a renderer the overlays are skipped with a warning, the evaluation still runs
     evaluate_artifact(
         artifact, cfg(overlay=True), tmp_path / "eval",
-        coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, warn=warnings_seen.append,
-    )  # fmt: skip
+        coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, warn=warnings_seen.append,artifacts=wiring.make_artifact_store())  # fmt: skip
     assert not (tmp_path / "eval" / "overlays").exists() and "overlays skipped" in warnings_seen[-1]

@@ -122,8 +122,7 @@ def run(
     out = tmp_path / f"eval_{evaluator}_{settings.dataset_style}"
     lvis = wiring.make_lvis_evaluator(evaluator) if evaluator is not None else None
     summary = evaluate_artifact(
-        artifact, settings, out, coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, lvis=lvis
-    )
+        artifact, settings, out, coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, lvis=lvis, artifacts=wiring.make_artifact_store())
     return summary, out
 
 
@@ -235,8 +234,7 @@ def test_lvis_results_file_input(tmp_path: Path, lvis_case: dict[str, Any]) -> N
     )
     summary = run_evaluation(
         settings, None, tmp_path / "eval", coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF,
-        lvis=wiring.make_lvis_evaluator("faster_coco_eval"),
-    )  # fmt: skip
+        lvis=wiring.make_lvis_evaluator("faster_coco_eval"),artifacts=wiring.make_artifact_store())  # fmt: skip
     for name in LVIS_STAT_NAMES:
         assert abs(summary.metrics[f"bbox_{name}"] - want[name]) <= 1e-12, name
 
@@ -304,8 +302,7 @@ def run_in(directory: Path, records: list[dict[str, Any]], **changes: Any) -> tu
     settings = attrs.evolve(EvalConfig(), **{"metrics": "coco", "use_segm": False, **changes})
     out = directory / "eval"
     summary = evaluate_artifact(
-        artifact, settings, out, coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF
-    )
+        artifact, settings, out, coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=OFF, artifacts=wiring.make_artifact_store())
     return summary, out
 
 
@@ -385,8 +382,7 @@ def test_image_info_file_cannot_score_a_results_file(tmp_path: Path) -> None:
             None,
             tmp_path / "eval",
             coco=wiring.make_coco_evaluator("faster_coco_eval"),
-            semantic=OFF,
-        )
+            semantic=OFF,artifacts=wiring.make_artifact_store())
     assert not (tmp_path / "eval").exists()
 
 

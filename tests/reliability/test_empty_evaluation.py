@@ -37,8 +37,7 @@ def test_evaluate_reports_undefined_not_perfect_on_an_empty_artifact(tmp_path: P
     settings = EvalConfig(metrics="f1ish", overlay=False)
     summary = evaluate_artifact(
         artifact, settings, tmp_path / "eval", coco=wiring.make_coco_evaluator(settings.coco_backend),
-        semantic=SemanticStep.off("test"), warn=warnings.append,
-    )  # fmt: skip
+        semantic=SemanticStep.off("test"), warn=warnings.append,artifacts=wiring.make_artifact_store())  # fmt: skip
     for thr in ("0.30", "0.50"):
         for suffix in RATIO_SUFFIXES:
             assert summary.metrics[f"f1ish@{thr}_{suffix}"] == UNDEFINED_METRIC, suffix
@@ -57,8 +56,7 @@ def test_one_false_positive_is_measured_not_undefined(tmp_path: Path) -> None:
     warnings: list[str] = []
     summary = evaluate_artifact(
         artifact, settings, tmp_path / "eval", coco=wiring.make_coco_evaluator(settings.coco_backend),
-        semantic=SemanticStep.off("test"), warn=warnings.append,
-    )  # fmt: skip
+        semantic=SemanticStep.off("test"), warn=warnings.append,artifacts=wiring.make_artifact_store())  # fmt: skip
     assert summary.metrics["f1ish@0.50_precision_loc_micro"] == 0.0
     assert summary.metrics["f1ish@0.50_recall_loc_micro"] == 1.0
     assert not warnings
