@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from application.json_reading import as_int, json_array, json_object
 from domain.errors import ArtifactError, DataContractError, DataProblem, ImageFileError
 from domain.records import Record, RecordSet, image_path_problem
 from domain.resize import ImageSize
@@ -128,12 +129,15 @@ class ImageVerdictCache:
         if not self.path.is_file():
             return
         try:
-            data = self._artifacts.read_json(self.path)
+            data = json_object(self._artifacts.read_json(self.path))
             if data.get("schema_version") != CACHE_SCHEMA_VERSION or data.get("root") != self._root:
                 return
-            self._entries = {
-                str(k): [int(x) for x in v] for k, v in dict(data["entries"]).items() if len(v) == 4
-            }
+            entries: dict[str, list[int]] = {}
+            for real, entry in json_object(data["entries"]).items():
+                values = json_array(entry)
+                if len(values) == 4:
+                    entries[real] = [as_int(x) for x in values]
+            self._entries = entries
         except (ArtifactError, AttributeError, KeyError, TypeError, ValueError) as exc:
             warnings.warn(f"image check cache {self.path} ignored ({exc}); images are decoded again",
                           RuntimeWarning, stacklevel=2)  # fmt: skip

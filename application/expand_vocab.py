@@ -32,14 +32,29 @@ from pathlib import Path
 
 import attrs
 
-from application import wiring
 from application.cli import run_entry_point
 from application.config import LoadedConfig, check_local_paths, load_config, write_resolved_config
 from domain.errors import ConfigError
+from ports.storage import ArtifactStore
 from ports.vocabulary import ExpansionSummary, VocabularyExpander
 
 ENTRY_POINT = "application.expand_vocab"
 RESOLVED_KIND = "expand_vocab"
+
+
+@attrs.frozen(eq=False)
+class ExpandVocabDependencies:
+    """The ports of one expansion (real ones: :func:`default_dependencies`; tests pass fakes)."""
+
+    expander: VocabularyExpander
+    store: ArtifactStore
+
+
+def default_dependencies() -> ExpandVocabDependencies:
+    """The configured adapters, from the composition root (called by :func:`main` only)."""
+    from application import wiring
+
+    return ExpandVocabDependencies(expander=wiring.make_vocabulary_expander(), store=wiring.make_artifact_store())
 
 
 @attrs.frozen
@@ -88,16 +103,14 @@ def check_new_checkpoint_dir(source: Path, run_dir: Path, what: str) -> None:
         )
 
 
-def expand_vocab(loaded: LoadedConfig, expander: VocabularyExpander | None = None) -> ExpandVocabOutcome:
-    """Run the use case; ``expander`` overrides the configured one (tests pass fakes)."""
+def expand_vocab(loaded: LoadedConfig, deps: ExpandVocabDependencies) -> ExpandVocabOutcome:
+    """Run the use case with the expander and artifact store of ``deps``."""
     source, run_dir = planned_paths(loaded)
     model = loaded.config.model
     assert model is not None  # planned_paths checked it
-    if expander is None:
-        expander = wiring.make_vocabulary_expander()
+    expander, store = deps.expander, deps.store
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # not mkdtemp: the expanded model gets the umask's mode, not 0700 (issue 11 item 14)
-    store = wiring.make_artifact_store()
     staging = store.make_staging_directory(run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial")
     try:
         summary = expander(source, staging, dtype=model.dtype)
@@ -134,7 +147,9 @@ def summary_text(outcome: ExpandVocabOutcome) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body(config_path: Path) -> int:
-        outcome = expand_vocab(load_config(config_path, entry_point="expand_vocab"))
+        loaded = load_config(config_path, entry_point="expand_vocab")
+        planned_paths(loaded)  # config errors before the adapters (and their frameworks) are imported
+        outcome = expand_vocab(loaded, default_dependencies())
         print(summary_text(outcome))
         return 0
 

@@ -46,6 +46,7 @@ from application.config import (
 from application.config.resolved import RESOLVED_CONFIG_FILENAME
 from application.config.schema import CoordExpConfig, EvalConfig
 from application.datasets import LoadedSplit, load_split
+from application.json_reading import int_counts, json_object
 from application.provenance import build_run_metadata, mark_finished
 from application.visualize import POINTER_FILENAME, discover_image_root, producer_config_path
 from domain.duplicates import artifact_line_objects, summarize_duplicates
@@ -259,6 +260,7 @@ def default_dependencies() -> InferDependencies:
             output_dir,
             coco=wiring.make_coco_evaluator(settings.coco_backend),
             semantic=wiring.make_semantic_step(settings.semantic),
+            artifacts=artifacts,
             lvis=(
                 wiring.make_lvis_evaluator(settings.lvis_backend) if settings.dataset_style == "lvis" else None
             ),
@@ -892,8 +894,11 @@ def _headline(paths: PipelinePaths, eval_summary: Any, vis_summary: Any, artifac
     counters: dict[str, int] | None = None
     records: int | None = None
     if paths.summary.is_file():
-        summary = artifacts.read_json(paths.summary)
-        counters, records = dict(summary.get("counters", {})), summary.get("records_written")
+        summary = json_object(artifacts.read_json(paths.summary))
+        counters, written = int_counts(summary.get("counters", {})), summary.get("records_written")
+        if written is not None and not isinstance(written, int):
+            raise TypeError(f"{paths.summary}: records_written is not an integer: {written!r}")
+        records = written
     report_name = getattr(vis_summary, "report", None)
     report = paths.vis_dir / report_name.name if report_name is not None else None
     return headline_lines(eval_summary.metrics, counters, records, report)

@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from application import wiring
 from application.checkpoints import incomplete_checkpoint_problem
 from application.cli import run_entry_point
 from application.config import CONVERTER, LoadedConfig, check_local_paths, load_config, write_resolved_config
@@ -41,11 +40,36 @@ from application.config.schema import ModelConfig, TinyModelConfig
 from application.expand_vocab import check_new_checkpoint_dir
 from domain.errors import ArtifactError, ConfigError
 from ports.adapter_merge import AdapterCheckpoint, AdapterMerger, MergeReport, MergeRequest
+from ports.storage import ArtifactStore, CheckpointStore
 
 ENTRY_POINT = "application.merge_adapter"
 RESOLVED_KIND = "merge_adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINING_RECORD = "resolved_config.json"
+
+
+@attrs.frozen(eq=False)
+class MergeDependencies:
+    """The ports of one merge (real ones: :func:`default_dependencies`; tests pass fakes).
+
+    ``resolve_checkpoint``: ``model`` block -> checkpoint directory (rebuilds the embedded tiny base)."""
+
+    merger: AdapterMerger
+    store: ArtifactStore
+    checkpoints: CheckpointStore
+    resolve_checkpoint: Callable[[ModelConfig], Path]
+
+
+def default_dependencies() -> MergeDependencies:
+    """The configured adapters, from the composition root (called by :func:`main` only)."""
+    from application import wiring
+
+    return MergeDependencies(
+        merger=wiring.make_adapter_merger(),
+        store=wiring.make_artifact_store(),
+        checkpoints=wiring.make_checkpoint_store(),
+        resolve_checkpoint=wiring.resolve_model_checkpoint,
+    )
 
 
 @attrs.frozen
@@ -54,7 +78,7 @@ class MergeOutcome:
     report: MergeReport
 
 
-def planned_paths(loaded: LoadedConfig) -> tuple[Path, Path]:
+def planned_paths(loaded: LoadedConfig, checkpoints: CheckpointStore) -> tuple[Path, Path]:
     """``(model.path, run_dir)`` after the checks that load nothing: raises :class:`ConfigError`."""
     config = loaded.config
     if config.model is None or config.model.path is None or config.model.tiny is not None:
@@ -64,7 +88,7 @@ def planned_paths(loaded: LoadedConfig) -> tuple[Path, Path]:
         )
     check_local_paths(config, entry_point="merge_adapter")
     source = Path(config.model.path)
-    problem = incomplete_checkpoint_problem(source, wiring.make_checkpoint_store())
+    problem = incomplete_checkpoint_problem(source, checkpoints)
     if problem is not None:
         raise ConfigError(problem)
     if not (source / ADAPTER_CONFIG).is_file():
@@ -100,13 +124,13 @@ def recorded_tiny(checkpoint: Path) -> TinyModelConfig | None:
     return settings
 
 
-def resolve_base(adapter: AdapterCheckpoint) -> Path:
+def resolve_base(adapter: AdapterCheckpoint, resolve_checkpoint: Callable[[ModelConfig], Path]) -> Path:
     """The base checkpoint directory of ``adapter`` (see the module docstring); raises a located error."""
     named = Path(adapter.base_model)
     where = f"{adapter.path / ADAPTER_CONFIG}: 'base_model_name_or_path' = {adapter.base_model!r}"
     tiny = recorded_tiny(adapter.path)
     if tiny is not None:
-        base = wiring.resolve_model_checkpoint(ModelConfig(tiny=tiny))
+        base = resolve_checkpoint(ModelConfig(tiny=tiny))
         if base.name != named.name:
             raise ArtifactError(
                 f"{where}, but the tiny model rebuilt from the recorded 'model.tiny' is {base}: the settings or "
@@ -121,18 +145,16 @@ def resolve_base(adapter: AdapterCheckpoint) -> Path:
     return named
 
 
-def merge_adapter(loaded: LoadedConfig, merger: AdapterMerger | None = None) -> MergeOutcome:
-    """Run the use case; ``merger`` overrides the configured one (tests pass fakes)."""
-    source, run_dir = planned_paths(loaded)
+def merge_adapter(loaded: LoadedConfig, deps: MergeDependencies) -> MergeOutcome:
+    """Run the use case with the merger, stores and checkpoint resolver of ``deps``."""
+    source, run_dir = planned_paths(loaded, deps.checkpoints)
     model = loaded.config.model
     assert model is not None  # planned_paths checked it
-    if merger is None:
-        merger = wiring.make_adapter_merger()
+    merger, store = deps.merger, deps.store
     adapter = merger.read_adapter(source)
-    base = resolve_base(adapter)
+    base = resolve_base(adapter, deps.resolve_checkpoint)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # not mkdtemp: the merged model gets the umask's mode, not 0700 (issue 11 item 14)
-    store = wiring.make_artifact_store()
     staging = store.make_staging_directory(run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial")
     try:
         report = merger.merge(MergeRequest(adapter=adapter, base_dir=base, output_dir=staging, dtype=model.dtype))
@@ -181,7 +203,12 @@ def summary_text(outcome: MergeOutcome) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     def body(config_path: Path) -> int:
-        outcome = merge_adapter(load_config(config_path, entry_point="merge_adapter"))
+        from application import wiring
+
+        loaded = load_config(config_path, entry_point="merge_adapter")
+        # config errors before the merger (and its frameworks) is imported, as merge_adapter checks them first
+        planned_paths(loaded, wiring.make_checkpoint_store())
+        outcome = merge_adapter(loaded, default_dependencies())
         print(summary_text(outcome))
         return 0
 

@@ -539,12 +539,10 @@ def _merged_report(artifacts: ArtifactStore, path: Path, split: str, split_repor
         existing = artifacts.read_json(path)
     except ArtifactError:
         existing = None
-    if (
-        isinstance(existing, dict)
-        and existing.get("schema_version") == REPORT_SCHEMA_VERSION
-        and isinstance(existing.get("splits"), dict)
-    ):
-        splits.update(existing["splits"])
+    if isinstance(existing, dict) and existing.get("schema_version") == REPORT_SCHEMA_VERSION:
+        previous = existing.get("splits")
+        if isinstance(previous, dict):
+            splits.update(previous)
     splits[split] = split_report
     return {"schema_version": REPORT_SCHEMA_VERSION, "splits": dict(sorted(splits.items()))}
 

@@ -204,8 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body(config_path: Path) -> int:
         config = load_config(config_path).config
+        from application.config.schema import ModelConfig, TinyModelConfig
+        from application.training_plan import sample_lengths_of
+        from application.training_settings import sample_settings
+
         # Token lengths with the configured model's processor (the tiny model by default), as training measures them.
-        sample_lengths = wiring.make_sample_lengths(config)
+        model = config.model if config.model is not None else ModelConfig(tiny=TinyModelConfig())
+        encoder = wiring.make_sample_encoders()(wiring.resolve_model_checkpoint(model))
+        sample_lengths = sample_lengths_of(encoder, sample_settings(config))
         result = validate_dataset(
             config, artifacts=wiring.make_artifact_store(), images=wiring.make_image_store(),
             sample_lengths=sample_lengths,

@@ -33,6 +33,7 @@ import attrs
 
 from application.config.resolved import RESOLVED_CONFIG_FILENAME, load_resolved_config
 from application.dataset_images import resolve_image_path
+from application.json_reading import as_float, json_array, json_object
 from domain.errors import ArtifactError, ConfigError, ImageFileError
 from domain.evaluation import (
     COCO_STAT_NAMES,
@@ -46,6 +47,7 @@ from domain.evaluation import (
 )
 from domain.lvis import FREQUENCY_NAMES, LVIS_FREQUENCIES, LVIS_STAT_NAMES
 from domain.records import image_path_problem
+from ports.json_types import JsonValue
 from ports.rendering import (
     ImageRenderer,
     OverlayObject,
@@ -361,8 +363,12 @@ def read_pr_curves(path: Path, store: ArtifactStore) -> PrecisionCurves:
     """The evaluator's ``pr_curves.json`` (``recall_thresholds`` and named ``curves``)."""
     data = store.read_json(path)
     try:
-        recall = tuple(float(v) for v in data["recall_thresholds"])
-        curves = tuple((str(k), tuple(float(v) for v in values)) for k, values in data["curves"].items())
+        document = json_object(data)
+        recall = tuple(as_float(v) for v in json_array(document["recall_thresholds"]))
+        curves = tuple(
+            (k, tuple(as_float(v) for v in json_array(values)))
+            for k, values in json_object(document["curves"]).items()
+        )
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise ArtifactError(
             f"{path}: expected {{recall_thresholds: [...], curves: {{name: [...]}}}}: {exc!r}"
@@ -398,14 +404,14 @@ def write_report(
     """Plots and ``report.html`` in ``output_dir`` from the evaluator's outputs in ``eval_dir``; the
     ``thumbnails`` (overlay PNGs in ``output_dir`` with captions) are shown as a grid, ``summary`` first."""
     document = store.read_json(eval_dir / "metrics.json")
-    if not isinstance(document, dict) or not isinstance(document.get("metrics"), dict):
+    metrics = document.get("metrics") if isinstance(document, dict) else None
+    if not isinstance(document, dict) or not isinstance(metrics, dict):
         raise ArtifactError(
             f"{eval_dir / 'metrics.json'}: expected an object with 'metrics', 'counters', 'meta'"
         )
-    metrics: dict[str, Any] = document["metrics"]
-    counters = document.get("counters") if isinstance(document.get("counters"), dict) else {}
-    meta = document.get("meta") if isinstance(document.get("meta"), dict) else {}
-    assert isinstance(counters, dict) and isinstance(meta, dict)
+    raw_counters, raw_meta = document.get("counters"), document.get("meta")
+    counters: dict[str, JsonValue] = raw_counters if isinstance(raw_counters, dict) else {}
+    meta: dict[str, JsonValue] = raw_meta if isinstance(raw_meta, dict) else {}
     figures: list[ReportFigure] = []
 
     curves_file = eval_dir / "pr_curves.json"
@@ -622,7 +628,9 @@ def resolve_vis_paths(config: Any) -> VisPaths:
     """``infer.gt_vs_pred_jsonl`` / ``vis.output_dir`` / ``eval.output_dir``, each defaulting under
     ``run_dir = run.output_dir / run.name`` (§2.3); without a run the eval directory is None."""
     run = config.run
-    run_dir = Path(run.output_dir) / run.name if run is not None and run.name and run.output_dir else None
+    run_dir: Path | None = (
+        Path(run.output_dir) / run.name if run is not None and run.name and run.output_dir else None
+    )
 
     def pick(value: Path | None, default: str, key: str) -> Path:
         if value is not None:

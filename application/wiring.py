@@ -154,16 +154,30 @@ def make_null_metric_sink() -> MetricSink:
     return NullMetricSink()
 
 
-def make_training_engine(config: CoordExpConfig) -> TrainingEngine:
-    """``objective.trainer_variant`` -> its engine (ms-swift's trainer behind the port, D12)."""
+def make_sample_encoders() -> Callable[[Path], SampleEncoderPort]:
+    """Sample encoders (tokenizer + chat template of a checkpoint, no model), loaded once per checkpoint path
+    and shared by the use case's length pre-pass and the engine's datasets."""
+    from adapters.hf.encoding import sample_encoder_loader
+
+    return sample_encoder_loader()
+
+
+def make_training_engine(
+    config: CoordExpConfig, encoders: Callable[[Path], SampleEncoderPort] | None = None
+) -> TrainingEngine:
+    """``objective.trainer_variant`` -> its engine (ms-swift's trainer behind the port, D12); ``encoders`` are
+    the use case's (so a checkpoint's processor is loaded once)."""
     from adapters.swift.stage1 import SwiftStage1Engine
 
-    return SwiftStage1Engine()
+    return SwiftStage1Engine(open_encoder=encoders) if encoders is not None else SwiftStage1Engine()
 
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from application.config.schema import CoordExpConfig, ModelConfig
     from ports.metrics import MetricSink
+    from ports.tokenizer import SampleEncoderPort
     from ports.provenance import ProvenanceCollector
     from ports.training import TrainingEngine
 # ============================================================================================
@@ -439,38 +453,3 @@ if TYPE_CHECKING:
 # ============================================================================================
 
 
-# ============================================================================================
-# ==== Dataset validation: sample token lengths (data.md §6.5, §9.9) ====
-# ============================================================================================
-
-
-def make_sample_lengths(config: CoordExpConfig) -> Callable[[RecordSet, Sequence[Path]], list[int]]:
-    """Token lengths of records (with their image files) exactly as the Stage-1 pre-pass measures them.
-
-    The processor is the configured model's: ``model.path``, or the embedded tiny model (``model.tiny``,
-    its defaults when the config has no ``model`` block). The conversations and their lengths come from
-    the training pre-pass itself (``adapters.swift.stage1.training_samples`` measured by
-    ``HFSampleEncoder.lengths``), never from a second computation.
-    """
-    from adapters.hf.checkpoint import load_processor
-    from adapters.hf.encoding import HFSampleEncoder
-    from adapters.swift.stage1 import build_sources, training_prompt, training_samples
-    from application.config.schema import ModelConfig, TinyModelConfig
-
-    model = config.model if config.model is not None else ModelConfig(tiny=TinyModelConfig())
-    encoder = HFSampleEncoder(load_processor(resolve_model_checkpoint(model)))
-    prompt = training_prompt(config)
-
-    def sample_lengths(records: RecordSet, images: Sequence[Path]) -> list[int]:
-        return encoder.lengths(training_samples(build_sources(tuple(records), images), prompt, config))
-
-    return sample_lengths
-
-
-if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-
-    from domain.records import RecordSet
-# ============================================================================================
-# ==== End of dataset validation ====
-# ============================================================================================

@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.hf.checkpoint import load_model_and_processor
 from adapters.hf.encoding import HFSampleEncoder
 from adapters.hf.tiny import build_tiny_checkpoint
-from adapters.swift.stage1 import Stage1Runtime, window_counts
+from adapters.swift.stage1_runtime import Stage1Runtime, window_counts
 from adapters.torch.collator import ProjectCollator, TrainItem, model_rope_index
 from adapters.torch.coord_loss import CoordLossKernel, lambda_for_backward
 from adapters.torch.instability import InstabilityRunner
@@ -183,7 +183,7 @@ class _TrainerView:
 def ours_step(model: Any, runtime: Stage1Runtime, trainer: _TrainerView, batch: Mapping[str, Any]) -> Timings:
     """One micro-batch of ``CoordExpStage1Trainer`` (the get_batch_samples pre-pass, compute_loss, backward).
 
-    Mirrors ``compute_loss`` of adapters/swift/stage1.py in training mode, line for line, calling the
+    Mirrors ``compute_loss`` of adapters/swift/stage1_trainer.py in training mode, line for line, calling the
     runtime's own methods; keep it in step with that method when it changes.
     """
     inputs = dict(batch)  # the trainer receives a fresh mapping per micro-batch

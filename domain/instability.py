@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -40,10 +40,14 @@ def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _reason_tuple(reasons: Iterable[str]) -> tuple[str, ...]:
+    return tuple(reasons)
+
+
 @attrs.frozen
 class EarlyStopSettings:
     enabled: bool = False
-    on_reasons: tuple[str, ...] = attrs.field(default=("zero_token_acc",), converter=tuple)
+    on_reasons: tuple[str, ...] = attrs.field(default=("zero_token_acc",), converter=_reason_tuple)
 
 
 @attrs.frozen

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 
 import attrs
@@ -250,13 +250,17 @@ def plan_packs(
 # Plan cache (§8.2): a fingerprint names every input the plan depends on.
 
 
+def _text_tuple(texts: Iterable[str]) -> tuple[str, ...]:
+    return tuple(texts)
+
+
 @attrs.frozen
 class PlanFingerprint:
     """Everything the static plan depends on (data.md §8.2); a mismatch means rebuild, never reuse."""
 
     jsonl_sha256: str
     tokenizer_sha256: str  # tokenizer files and chat template together
-    prompt_texts: tuple[str, ...] = attrs.field(converter=tuple)
+    prompt_texts: tuple[str, ...] = attrs.field(converter=_text_tuple)
     coord_mode: str
     field_order: str
     settings: PackingSettings

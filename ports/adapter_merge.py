@@ -9,9 +9,11 @@ checkpoint that every entry point accepts as ``model.path``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import attrs
+
+from ports.json_types import JsonValue
 
 MergeDtype = Literal["bfloat16", "float16", "float32"]
 
@@ -62,7 +64,7 @@ class MergeReport:
     probe_max_abs_diff: float
     files: tuple[str, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, JsonValue]:
         return {
             "adapter_dir": str(self.adapter_dir),
             "base_dir": str(self.base_dir),

@@ -3,8 +3,8 @@ semantic step a run gets from wiring."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import attrs
 import numpy as np
@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from domain.evaluation import CocoEvaluation
 from domain.lvis import LvisEvaluation
+from ports.json_types import JsonObject
 
 
 @runtime_checkable
@@ -27,8 +28,8 @@ class CocoEvaluator(Protocol):
 
     def evaluate(
         self,
-        gt: Mapping[str, Any],
-        results: Sequence[Mapping[str, Any]],
+        gt: JsonObject,
+        results: Sequence[JsonObject],
         iou_type: str,
         *,
         iou_thrs: Sequence[float] | None = None,
@@ -61,8 +62,8 @@ class LvisEvaluator(Protocol):
 
     def evaluate(
         self,
-        gt: Mapping[str, Any],
-        results: Sequence[Mapping[str, Any]],
+        gt: JsonObject,
+        results: Sequence[JsonObject],
         iou_type: str,
         *,
         iou_thrs: Sequence[float] | None = None,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
+
+from ports.json_types import JsonObject
 
 
 class ProvenanceCollector(Protocol):
@@ -16,11 +18,11 @@ class ProvenanceCollector(Protocol):
 
     def platform(self) -> str: ...
 
-    def git(self, directory: str) -> Mapping[str, Any]:
+    def git(self, directory: str) -> JsonObject:
         """``{sha, branch, dirty, status_porcelain}`` of the checkout holding ``directory``."""
         ...
 
-    def package(self, distribution: str) -> Mapping[str, Any]:
+    def package(self, distribution: str) -> JsonObject:
         """``{version, location}`` from distribution metadata (never importing the package), or ``{error}``."""
         ...
 
@@ -32,7 +34,7 @@ class ProvenanceCollector(Protocol):
         """The nearest directory at or above ``directory`` that contains ``.git``, else None."""
         ...
 
-    def hardware(self) -> Mapping[str, Any]: ...
+    def hardware(self) -> JsonObject: ...
 
     def environment(self, names: Sequence[str]) -> Mapping[str, str]:
         """Only the whitelisted variables that are set."""

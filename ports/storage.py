@@ -10,11 +10,12 @@ import enum
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
 from domain.resize import ImageSize
+from ports.json_types import JsonObject, JsonValue
 
 # ------------------------------------------------------------------------------------------------
 # Artifacts
@@ -38,7 +39,7 @@ class NumberedRecord:
     """One JSON object of a JSONL file with the 1-based physical line it came from."""
 
     line: int
-    record: Mapping[str, Any]
+    record: JsonObject
 
 
 class ArtifactStore(Protocol):
@@ -81,7 +82,7 @@ class ArtifactStore(Protocol):
         line raises ``Non-object JSONL record at <path>:<line>``."""
         ...
 
-    def read_json(self, path: Path, *, exact_numbers: bool = False) -> Any:
+    def read_json(self, path: Path, *, exact_numbers: bool = False) -> JsonValue:
         """A whole JSON document (strict: no NaN/Infinity); with ``exact_numbers`` every non-integer
         number is a ``decimal.Decimal`` at its exact written value. Errors raise ArtifactError."""
         ...

@@ -5,19 +5,24 @@ Two ports:
 - :class:`SampleEncoderPort`: one detection conversation -> model-ready ids, labels and image tensors,
   rendered with the checkpoint's own chat template.
 
-Arrays are numpy arrays (typed ``Any`` so this module stays framework free); adapters convert to
-framework tensors at the collator.
+Arrays are numpy arrays (``IntArray`` / ``FloatArray``; numpy keeps this module framework free); adapters
+convert to framework tensors at the collator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from domain.coord_tokens import CoordIdTable
 from domain.prompts import PromptTexts
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
 
 IGNORE_INDEX = -100
 
@@ -109,10 +114,10 @@ class EncodedPrompt:
     (Qwen3-VL's M-RoPE needs it whenever ``input_ids`` and images are passed together).
     """
 
-    input_ids: Any
-    pixel_values: Any
-    image_grid_thw: Any
-    mm_token_type_ids: Any
+    input_ids: IntArray
+    pixel_values: FloatArray
+    image_grid_thw: IntArray
+    mm_token_type_ids: IntArray
     origin: SampleOrigin
 
     @property
@@ -133,12 +138,12 @@ class EncodedSample:
     fed to the model.
     """
 
-    input_ids: Any
-    labels: Any
+    input_ids: IntArray
+    labels: IntArray
     length: int
-    pixel_values: Any
-    image_grid_thw: Any
-    mm_token_type_ids: Any
+    pixel_values: FloatArray
+    image_grid_thw: IntArray
+    mm_token_type_ids: IntArray
     prompt_length: int
     record_index: int
     line: int
@@ -179,6 +184,10 @@ class SampleEncoderPort(Protocol):
 
     def sample_length(self, sample: ChatSample) -> int:
         """Encoded length without decoding the image (data.md §6.5): text ids with one placeholder - 1 + N."""
+        ...
+
+    def lengths(self, samples: Sequence[ChatSample]) -> list[int]:
+        """:meth:`sample_length` of every sample, in order (batched where the backend can)."""
         ...
 
     def checked_lengths(self, samples: Sequence[ChatSample], max_length: int) -> list[int]:

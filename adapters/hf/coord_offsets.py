@@ -24,7 +24,7 @@ state carry ``coord_offset_adapter.*`` (PEFT: list ``coord_offset_adapter`` in `
 bakes them into the base tables (export).
 
 Engine integration (adapters/swift/stage1.py), two lines:
-    after ``_freeze(model, training)``:   ``setup_coord_offsets(model, coord_table, training)``
+    after ``freeze(model, training)``:   ``setup_coord_offsets(model, coord_table, training)``
     optimizer:  ``groups = coord_offset_param_groups(model, training, optimizer_groups(model, training))``
 """
 
@@ -43,6 +43,7 @@ from torch import nn
 from adapters.hf.vocab import shares_storage
 from domain.coord_tokens import NUM_BINS, CoordIdTable
 from domain.errors import ArtifactError, SetupError
+from ports.training import TrainerSettings
 
 COORD_OFFSET_MODULE = "coord_offset_adapter"
 _OFFSET_NAMES = ("embed_offset", "head_offset")
@@ -301,7 +302,7 @@ def coord_offset_hook_count(model: nn.Module) -> int:
 
 
 def setup_coord_offsets(
-    model: nn.Module, coord_ids: CoordIdTable, training: Any
+    model: nn.Module, coord_ids: CoordIdTable, training: TrainerSettings
 ) -> CoordOffsetAdapter | None:
     """The engine's one call: install per ``training.coord_offset`` when enabled, else nothing."""
     settings = training.coord_offset
@@ -330,7 +331,7 @@ def trainable_offsets(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def coord_offset_param_groups(
-    model: nn.Module, training: Any, base_groups: Iterable[Mapping[str, Any]]
+    model: nn.Module, training: TrainerSettings, base_groups: Iterable[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
     """stage1.md §7.2: offset groups first (embed; head when untied), then ``base_groups`` minus offsets.
 

@@ -14,7 +14,8 @@ proved per sample by the tests (parity with ``processor.apply_chat_template(toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -232,3 +233,19 @@ class HFSampleEncoder:
                 "tokenizer(target) + terminator (data.md §6.2 invariant)"
             )
         return tuple(terminator), terminator.index(im_end) + 1
+
+
+def sample_encoder_loader() -> Callable[[Path], HFSampleEncoder]:
+    """Sample encoders (the processor of a checkpoint: tokenizer, chat template, image processor; no model),
+    each checkpoint path loaded once: the use case's length pre-pass and the engine's datasets share it."""
+    from adapters.hf.checkpoint import load_processor
+
+    loaded: dict[Path, HFSampleEncoder] = {}
+
+    def open_encoder(model_path: Path) -> HFSampleEncoder:
+        key = Path(model_path)
+        if key not in loaded:
+            loaded[key] = HFSampleEncoder(load_processor(key))
+        return loaded[key]
+
+    return open_encoder

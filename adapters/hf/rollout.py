@@ -129,7 +129,7 @@ def _piece_memo(piece: Callable[[int], str]) -> Callable[[int], str]:
     return cached
 
 
-class RepeatTerminateProcessor(LogitsProcessor):  # type: ignore[misc]
+class RepeatTerminateProcessor(LogitsProcessor):
     """§16.6 as a transformers ``LogitsProcessor``: a row whose generation (ids after the padded prompt
     width) meets ``repeat_terminate_reason`` gets every logit ``-inf`` but ``end_id``'s (0), so its next
     token is the end of turn under greedy, sampling and beam search alike. Rows that already hold a stop

@@ -9,7 +9,7 @@ import os
 import platform as _platform
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ class SystemProvenanceCollector:
         try:
             import torch
 
+            # torch leaves cudnn.version unannotated; it returns the version number or None
+            cudnn_version: Callable[[], int | None] = torch.backends.cudnn.version
             available = bool(torch.cuda.is_available())
             count = torch.cuda.device_count() if available else 0
             return {
@@ -81,7 +83,7 @@ class SystemProvenanceCollector:
                 "device_count": count,
                 "device_names": [torch.cuda.get_device_name(i) for i in range(count)],
                 "torch_cuda_version": torch.version.cuda,
-                "cudnn_version": torch.backends.cudnn.version() if available else None,
+                "cudnn_version": cudnn_version() if available else None,
             }
         except Exception as exc:  # noqa: BLE001
             return _error(exc)

@@ -118,10 +118,11 @@ class _RopeIndexHost:
         if image_grid_thw is None or image_grid_thw.numel() == 0:
             n = ids.shape[1]
             return torch.arange(n, dtype=torch.int64).expand(3, n).clone()
-        positions, _ = self._cls.get_rope_index(
+        # transformers' get_rope_index returns (position_ids, mrope_position_deltas)
+        rope: tuple[torch.Tensor, torch.Tensor] = self._cls.get_rope_index(
             self, ids, mm_token_type_ids=mm, image_grid_thw=image_grid_thw.to(torch.int64)
         )
-        return positions[:, 0].to(torch.int64)
+        return rope[0][:, 0].to(torch.int64)
 
 
 def model_rope_index(model: torch.nn.Module) -> RopeIndex:

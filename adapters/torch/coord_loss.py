@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from domain.coord_tokens import NUM_BINS, CoordIdTable
-from domain.errors import StepError
+from domain.errors import InvariantViolation, StepError
 from domain.instability import MicroStepStats
 from domain.losses import (
     IGNORE_INDEX,
@@ -30,12 +30,10 @@ from domain.losses import (
     W1_SCALE,
     CoordBlockSums,
     CoordLossSettings,
-    MicroBatchSums,
-    StepCounts,
     gaussian_target,
-    micro_batch_objective,
 )
 from domain.metrics_registry import quantile_linear
+from domain.normalisation import MicroBatchSums, StepCounts, micro_batch_lambda, micro_batch_objective
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -449,15 +447,6 @@ def coord_loss_sums(
     )
 
 
-def micro_batch_lambda_tensor(
-    sum_ce: torch.Tensor, sum_coord: torch.Tensor, n_step: int, c_step: int, world_size: int
-) -> torch.Tensor:
-    """R3 on tensors: ``W · [Σ ce / max(1, N_step) + Σ ℓ_coord / max(1, C_step)]``."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise StepError(f"world_size must be an int >= 1, got {world_size!r}")
-    return world_size * (sum_ce / max(1, int(n_step)) + sum_coord / max(1, int(c_step)))
-
-
 def lambda_for_backward(result: CoordLossResult, n_step: int, c_step: int, world_size: int) -> torch.Tensor:
     """The value micro-batch m on rank r returns for backward (R3), or the R7 zero when nothing counts.
 
@@ -466,9 +455,11 @@ def lambda_for_backward(result: CoordLossResult, n_step: int, c_step: int, world
     """
     if not result.has_counted_pairs:
         return result.zero_anchor()
-    if result.distributional:
-        return micro_batch_lambda_tensor(result.sum_ce, result.sum_coord, n_step, c_step, world_size)
-    return micro_batch_lambda_tensor(result.sum_ce, torch.zeros_like(result.sum_ce), n_step, 0, world_size)
+    sum_coord = result.sum_coord if result.distributional else torch.zeros_like(result.sum_ce)
+    try:
+        return micro_batch_lambda(result.sum_ce, sum_coord, n_step, c_step if result.distributional else 0, world_size)
+    except InvariantViolation as exc:
+        raise StepError(str(exc)) from exc
 
 
 def guarded_zero(logits: torch.Tensor) -> torch.Tensor:

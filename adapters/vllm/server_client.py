@@ -322,11 +322,15 @@ class LaunchedServer:
             process.wait(timeout=self.stop_grace_s)
 
 
+def _argv_strings(values: Sequence[object]) -> tuple[str, ...]:
+    return tuple(str(v) for v in values)
+
+
 @attrs.frozen
 class LaunchPlan:
     """How to start a server when the preflight fails and auto-launch applies."""
 
-    argv: tuple[str, ...] = attrs.field(converter=lambda values: tuple(str(v) for v in values))
+    argv: tuple[str, ...] = attrs.field(converter=_argv_strings)
     log_path: Path
     startup_timeout_s: float
 

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import attrs
 
+from domain.instability import InstabilitySettings
+from domain.losses import CoordLossSettings
 from domain.objects import CoordMode, FieldOrder, Ordering
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +315,10 @@ class TrainingConfig:
 # --------------------------------------------------------------------------------------------
 
 TrainerVariant = Literal["stage1", "stage2_ab", "rollout_matching_sft"]
+# One default per knob (issue 10): the loss and monitor defaults are the spec's typed settings in the domain
+# (stage1.md §8.1, §5), which validate them; these blocks read them, never restate them.
+_LOSS = CoordLossSettings()
+_MONITOR = InstabilitySettings()
 InstabilityReason = Literal[
     "nonfinite_loss", "nonfinite_logits", "logit_overflow_like", "loss_spike", "zero_token_acc", "low_token_acc"
 ]
@@ -322,14 +328,14 @@ InstabilityReason = Literal[
 class CoordSoftCEW1Config:
     """``objective.coord_soft_ce_w1``: the distributional coord loss (typed defaults of stage1.md §8.1)."""
 
-    enabled: bool = False
-    ce_weight: float = setting(0.0, ge=0)
-    soft_ce_weight: float = setting(1.0, ge=0)
-    w1_weight: float = setting(1.0, ge=0)
-    gate_weight: float = setting(1.0, ge=0)
-    temperature: float = setting(1.0, gt=0)
-    target_sigma: float = setting(2.0, gt=0)
-    target_truncate: int | None = setting(None, ge=0)
+    enabled: bool = _LOSS.enabled
+    ce_weight: float = setting(_LOSS.ce_weight, ge=0)
+    soft_ce_weight: float = setting(_LOSS.soft_ce_weight, ge=0)
+    w1_weight: float = setting(_LOSS.w1_weight, ge=0)
+    gate_weight: float = setting(_LOSS.gate_weight, ge=0)
+    temperature: float = setting(_LOSS.temperature, gt=0)
+    target_sigma: float = setting(_LOSS.target_sigma, gt=0)
+    target_truncate: int | None = setting(_LOSS.target_truncate, ge=0)
 
 
 @attrs.frozen
@@ -344,32 +350,32 @@ class TokenTypeMetricsConfig:
 
 @attrs.frozen
 class EarlyStopConfig:
-    enabled: bool = False
-    on_reasons: tuple[InstabilityReason, ...] = ("zero_token_acc",)
+    enabled: bool = _MONITOR.early_stop.enabled
+    on_reasons: tuple[InstabilityReason, ...] = _MONITOR.early_stop.on_reasons  # type: ignore[assignment]
 
 
 @attrs.frozen
 class GuardConfig:
-    enabled: bool = False
-    in_eval: bool = False
+    enabled: bool = _MONITOR.guard.enabled
+    in_eval: bool = _MONITOR.guard.in_eval
 
 
 @attrs.frozen
 class InstabilityMonitorConfig:
     """``objective.instability_monitor`` (stage1.md §5 table)."""
 
-    enabled: bool = False
-    max_meta_samples: int = setting(16, ge=0)
-    ema_decay: float = setting(0.98, ge=0, le=0.9999)
-    spike_factor: float = setting(8.0, gt=0)
-    abs_loss_threshold: float = setting(0.2, ge=0)
-    min_supervised_tokens: int = setting(64, ge=0)
-    min_token_acc: float = setting(0.01, ge=0, le=1)
-    max_abs_logit: float = setting(200.0, gt=0)
-    detect_nonfinite: bool = True
-    detect_loss_spike: bool = True
-    detect_low_acc: bool = True
-    dump_samples: bool = False
+    enabled: bool = _MONITOR.enabled
+    max_meta_samples: int = setting(_MONITOR.max_meta_samples, ge=0)
+    ema_decay: float = setting(_MONITOR.ema_decay, ge=0, le=0.9999)
+    spike_factor: float = setting(_MONITOR.spike_factor, gt=0)
+    abs_loss_threshold: float = setting(_MONITOR.abs_loss_threshold, ge=0)
+    min_supervised_tokens: int = setting(_MONITOR.min_supervised_tokens, ge=0)
+    min_token_acc: float = setting(_MONITOR.min_token_acc, ge=0, le=1)
+    max_abs_logit: float = setting(_MONITOR.max_abs_logit, gt=0)
+    detect_nonfinite: bool = _MONITOR.detect_nonfinite
+    detect_loss_spike: bool = _MONITOR.detect_loss_spike
+    detect_low_acc: bool = _MONITOR.detect_low_acc
+    dump_samples: bool = _MONITOR.dump_samples
     dump_dir: Path | None = None
     early_stop: EarlyStopConfig = attrs.field(factory=EarlyStopConfig)
     guard: GuardConfig = attrs.field(factory=GuardConfig)

@@ -17,7 +17,6 @@ from adapters.torch.coord_loss import (
     coord_loss_sums,
     guarded_zero,
     lambda_for_backward,
-    micro_batch_lambda_tensor,
     micro_step_stats,
 )
 from domain.coord_tokens import NUM_BINS, CoordIdTable
@@ -28,9 +27,8 @@ from domain.losses import (
     gaussian_target,
     micro_batch_reference,
     objective_metric_updates,
-    step_lambdas,
-    step_objective,
 )
+from domain.normalisation import micro_batch_lambda, step_lambdas, step_objective
 
 V = 1100
 _rng = np.random.default_rng(1234)
@@ -274,6 +272,8 @@ def test_temperature_changes_soft_ce_not_hard_ce() -> None:
 
 
 def test_worked_lambdas_on_tensors() -> None:
+    """R3 on the kernel's tensors is the domain's one formula (domain.normalisation.micro_batch_lambda)."""
+    micro_batch_lambda_tensor = micro_batch_lambda
     five, sixteen, nine, zero = (torch.tensor(x) for x in (5.0, 16.0, 9.0, 0.0))
     assert float(micro_batch_lambda_tensor(five, sixteen, 40, 8, 1)) == pytest.approx(2.125)
     assert float(micro_batch_lambda_tensor(nine, zero, 40, 8, 1)) == pytest.approx(0.225)

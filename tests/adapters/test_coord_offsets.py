@@ -285,7 +285,7 @@ def _training(**offset: Any) -> TrainingConfig:
 
 def _engine_groups(model: Any, table: CoordIdTable, training: TrainingConfig) -> list[dict[str, Any]]:
     """The engine's order: freeze per config, install the offsets, then the §7.2 groups."""
-    from adapters.swift.stage1 import _freeze, optimizer_groups
+    from adapters.hf.model_parts import freeze as _freeze, optimizer_groups
 
     _freeze(model, training)
     setup_coord_offsets(model, table, training)

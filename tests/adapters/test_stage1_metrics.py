@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.swift.stage1 import Stage1Runtime
+from adapters.swift.stage1_runtime import Stage1Runtime
 from adapters.torch.collator import ProjectCollator
 from adapters.torch.coord_loss import CoordLossKernel, coord_loss_sums
 from adapters.torch.stage1_metrics import (
@@ -375,7 +375,7 @@ def test_a_raising_diagnostic_warns_once_is_disabled_and_reports_health(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collective_spy: list[str]
 ) -> None:
     """§9.37: one warning, a no-op afterwards, λ unchanged, health key = 1.0 in both modes, same collectives."""
-    import adapters.swift.stage1 as engine_module
+    import adapters.swift.stage1_runtime as engine_module
 
     healthy = make_runtime(tmp_path, coord_loss=True, types=True)
     broken = make_runtime(tmp_path, coord_loss=True, types=True)

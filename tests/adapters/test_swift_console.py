@@ -15,9 +15,14 @@ def test_swift_chatter_goes_to_the_log_file_and_errors_still_reach_the_console(
 ) -> None:
     from swift.utils import get_logger
 
+    import sys
+
     logger = get_logger()
     before = list(logger.handlers)
     levels = {id(h): h.level for h in before}
+    # swift's console handler holds the stderr of whoever imported swift first (maybe another test's capture):
+    # point it at this test's stderr so what reaches "the console" is what this test captures.
+    streams = {id(h): h.setStream(sys.stderr) for h in before if type(h) is logging.StreamHandler}
     try:
         log_file = tmp_path / "swift.log"
         route_swift_logs(log_file)
@@ -40,3 +45,5 @@ def test_swift_chatter_goes_to_the_log_file_and_errors_still_reach_the_console(
                 handler.close()
         for handler in before:
             handler.setLevel(levels[id(handler)])
+            if id(handler) in streams and streams[id(handler)] is not None:
+                handler.setStream(streams[id(handler)])  # type: ignore[attr-defined]

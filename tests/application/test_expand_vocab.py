@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import attrs
 import pytest
 import yaml
 
+from adapters.fakes.storage import RecordingArtifactStore
+from adapters.fakes.vocabulary import FakeVocabularyExpander
 from application.config import load_config
-from application.expand_vocab import expand_vocab, main
+from application.expand_vocab import ExpandVocabDependencies, expand_vocab, main
 from domain.coord_tokens import vocabulary_additions
 from domain.errors import ConfigError
 
@@ -165,36 +165,17 @@ def tiny_checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Use-case rules (fake expander)
 
 
-@attrs.frozen
-class _FakeSummary:
-    tokens_before: int = 10
-    tokens_after: int = 1011
-    rows_after: int = 1011
-    tied: bool = True
-    wildcard_id: int = 10
-    coord_ids: tuple[int, ...] = tuple(range(11, 1011))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"tied": self.tied}
-
-
-def _fake_expander(calls: list[tuple[Path, Path, str]], fail: bool = False) -> Callable[..., _FakeSummary]:
-    def expand(source: Any, output: Any, *, dtype: str = "bfloat16") -> _FakeSummary:
-        calls.append((Path(source), Path(output), dtype))
-        (Path(output) / "config.json").write_text("{}")
-        if fail:
-            raise ConfigError("simulated failure after a partial write")
-        return _FakeSummary()
-
-    return expand
+def _deps(expander: FakeVocabularyExpander) -> ExpandVocabDependencies:
+    return ExpandVocabDependencies(expander=expander, store=RecordingArtifactStore())
 
 
 def test_writes_into_staging_then_renames(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
-    calls: list[tuple[Path, Path, str]] = []
+    expander = FakeVocabularyExpander()
+    calls = expander.calls
     loaded = load_config(_config(tmp_path, {"path": str(source)}), entry_point="expand_vocab")
-    outcome = expand_vocab(loaded, expander=_fake_expander(calls))
+    outcome = expand_vocab(loaded, _deps(expander))
     assert outcome.run_dir == tmp_path / "out" / "expanded"
     [(called_source, staging, dtype)] = calls
     assert called_source == source and dtype == "bfloat16"  # model.dtype's schema default
@@ -208,7 +189,7 @@ def test_writes_into_staging_then_renames(tmp_path: Path) -> None:
 
     # A second run into the same run_dir is refused before the expander runs.
     with pytest.raises(ConfigError, match="already exists"):
-        expand_vocab(loaded, expander=_fake_expander(calls))
+        expand_vocab(loaded, _deps(expander))
     assert len(calls) == 1
 
 
@@ -217,32 +198,32 @@ def test_a_failed_expansion_leaves_nothing(tmp_path: Path) -> None:
     source.mkdir()
     loaded = load_config(_config(tmp_path, {"path": str(source)}), entry_point="expand_vocab")
     with pytest.raises(ConfigError, match="simulated failure"):
-        expand_vocab(loaded, expander=_fake_expander([], fail=True))
+        expand_vocab(loaded, _deps(FakeVocabularyExpander(fail=True)))
     assert _entries(tmp_path / "out") == []
 
 
 def test_config_errors_come_before_anything_is_written(tmp_path: Path) -> None:
-    calls: list[tuple[Path, Path, str]] = []
-    expander = _fake_expander(calls)
+    expander = FakeVocabularyExpander()
+    calls = expander.calls
     missing = load_config(_config(tmp_path, {"path": str(tmp_path / "nope")}), entry_point="expand_vocab")
     with pytest.raises(ConfigError, match=r"'model.path' must be an existing local directory"):
-        expand_vocab(missing, expander=expander)
+        expand_vocab(missing, _deps(expander))
 
     tiny = load_config(_config(tmp_path, {"tiny": {}}), entry_point="expand_vocab")
     with pytest.raises(ConfigError, match=r"'model.path' is required .*model.tiny"):
-        expand_vocab(tiny, expander=expander)
+        expand_vocab(tiny, _deps(expander))
 
     source = tmp_path / "out" / "same"
     source.mkdir(parents=True)
     same = load_config(_config(tmp_path, {"path": str(source)}, name="same"), entry_point="expand_vocab")
     with pytest.raises(ConfigError, match="is the input 'model.path'"):
-        expand_vocab(same, expander=expander)
+        expand_vocab(same, _deps(expander))
 
     inside = load_config(
         _config(tmp_path, {"path": str(source)}, name="nested", output_dir=source), entry_point="expand_vocab"
     )
     with pytest.raises(ConfigError, match="inside the input 'model.path'"):
-        expand_vocab(inside, expander=expander)
+        expand_vocab(inside, _deps(expander))
     assert calls == []
     assert _entries(tmp_path / "out") == ["same"]
 

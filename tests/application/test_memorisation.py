@@ -16,7 +16,7 @@ import yaml
 
 from application.config import load_config
 from application.infer import default_dependencies, run_pipeline
-from application.train import train
+from train_runner import run_train
 from domain.geometry import box_iou
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def test_the_main_job_schedule_memorises_shapes3(shapes3_boxes: Path, tmp_path: 
         "data": {"train_jsonl": str(shapes3_boxes), "val_jsonl": str(shapes3_boxes)},
     }))  # fmt: skip
     loaded = load_config(config, entry_point="train")
-    outcome = train(loaded)
+    outcome = run_train(loaded)
     assert outcome.last_checkpoint is not None
     run_dir = tmp_path / "train" / "stage1_smoke"
     assert list((run_dir / "runs").rglob("events.out.tfevents*")), "the README promises TensorBoard events"

@@ -9,15 +9,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import yaml
 
+from adapters.fakes.adapter_merge import FakeAdapterMerger
+from adapters.fakes.storage import RecordingArtifactStore
 from adapters.hf.merge import PeftAdapterMerger
+from adapters.storage.checkpoints import FileCheckpointStore
 from application.config import load_config
-from application.merge_adapter import main, merge_adapter
+from application.merge_adapter import MergeDependencies, main, merge_adapter
 from domain.errors import ArtifactError, ConfigError
-from ports.adapter_merge import AdapterCheckpoint, MergeReport, MergeRequest
+from ports.adapter_merge import AdapterCheckpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -53,26 +55,19 @@ def _config(tmp_path: Path, model_path: Path, name: str = "merged", output_dir: 
     return path
 
 
-@attrs.define
-class FakeMerger:
-    """Reads the adapter config with the real reader; "merges" by writing a config.json."""
-
-    requests: list[MergeRequest] = attrs.field(factory=list)
-    fail: bool = False
+class FakeMerger(FakeAdapterMerger):
+    """The fake merge with the real adapter-config reader (its located errors are part of the use case)."""
 
     def read_adapter(self, directory: Path) -> AdapterCheckpoint:
         return PeftAdapterMerger().read_adapter(directory)
 
-    def merge(self, request: MergeRequest) -> MergeReport:
-        self.requests.append(request)
-        (request.output_dir / "config.json").write_text("{}")
-        if self.fail:
-            raise ArtifactError("simulated failure after a partial write")
-        return MergeReport(
-            adapter_dir=request.adapter.path, base_dir=request.base_dir, dtype=request.dtype, peft_type="LORA",
-            use_dora=False, merged_modules=2, coord_offsets=False, tie_head=None, tied=False,
-            probe_max_abs_diff=0.0, files=("config.json",),
-        )  # fmt: skip
+
+def _deps(merger: FakeAdapterMerger) -> MergeDependencies:
+    """Fakes for the stores; the real tiny-model resolver (one test rebuilds a tiny base)."""
+    from application import wiring
+
+    return MergeDependencies(merger=merger, store=RecordingArtifactStore(), checkpoints=FileCheckpointStore(),
+                             resolve_checkpoint=wiring.resolve_model_checkpoint)  # fmt: skip
 
 
 def _entries(directory: Path) -> list[str]:
@@ -84,7 +79,7 @@ def test_writes_into_staging_then_renames_and_records_the_merge(tmp_path: Path) 
     adapter = _adapter_dir(tmp_path / "run" / "exported", base, training_model={"path": str(base), "tiny": None})
     merger = FakeMerger()
     loaded = load_config(_config(tmp_path, adapter), entry_point="merge_adapter")
-    outcome = merge_adapter(loaded, merger)
+    outcome = merge_adapter(loaded, _deps(merger))
     [request] = merger.requests
     assert request.base_dir == base and request.dtype == "float32" and request.adapter.path == adapter
     assert request.output_dir.parent == tmp_path / "out" and request.output_dir.name.startswith(".merged.")
@@ -96,14 +91,14 @@ def test_writes_into_staging_then_renames_and_records_the_merge(tmp_path: Path) 
                                     "resolved_config_sha256": "0" * 64}  # fmt: skip
 
     with pytest.raises(ConfigError, match="already exists"):
-        merge_adapter(loaded, merger)
+        merge_adapter(loaded, _deps(merger))
     assert len(merger.requests) == 1
 
 
 def test_a_failed_merge_leaves_nothing(tmp_path: Path) -> None:
     adapter = _adapter_dir(tmp_path / "adapter", _base_dir(tmp_path / "base"))
     with pytest.raises(ArtifactError, match="simulated failure"):
-        merge_adapter(load_config(_config(tmp_path, adapter), entry_point="merge_adapter"), FakeMerger(fail=True))
+        merge_adapter(load_config(_config(tmp_path, adapter), entry_point="merge_adapter"), _deps(FakeMerger(fail=True)))
     assert _entries(tmp_path / "out") == []
 
 
@@ -112,19 +107,19 @@ def test_a_checkpoint_that_is_not_an_adapter_is_refused_before_any_merge(tmp_pat
     full = _base_dir(tmp_path / "full")
     with pytest.raises(ConfigError, match=r"'model.path' = .*full.* is not a LoRA/DoRA adapter checkpoint .*"
                                           r"full checkpoint, usable as 'model.path' as is"):  # fmt: skip
-        merge_adapter(load_config(_config(tmp_path, full), entry_point="merge_adapter"), merger)
+        merge_adapter(load_config(_config(tmp_path, full), entry_point="merge_adapter"), _deps(merger))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match=r"is not a LoRA/DoRA adapter checkpoint \(no adapter_config.json\)$"):
-        merge_adapter(load_config(_config(tmp_path, empty), entry_point="merge_adapter"), merger)
+        merge_adapter(load_config(_config(tmp_path, empty), entry_point="merge_adapter"), _deps(merger))
     unfinished = _adapter_dir(tmp_path / "run" / "checkpoint-8", full)  # no completion marker
     with pytest.raises(ConfigError, match="checkpoint_complete.json"):
-        merge_adapter(load_config(_config(tmp_path, unfinished), entry_point="merge_adapter"), merger)
+        merge_adapter(load_config(_config(tmp_path, unfinished), entry_point="merge_adapter"), _deps(merger))
     with pytest.raises(ConfigError, match=r"'model.path' must be an existing local directory"):
-        merge_adapter(load_config(_config(tmp_path, tmp_path / "nope"), entry_point="merge_adapter"), merger)
+        merge_adapter(load_config(_config(tmp_path, tmp_path / "nope"), entry_point="merge_adapter"), _deps(merger))
     inside = _adapter_dir(tmp_path / "adapter", full)
     with pytest.raises(ConfigError, match="inside the input 'model.path'"):
-        merge_adapter(load_config(_config(tmp_path, inside, output_dir=inside), entry_point="merge_adapter"), merger)
+        merge_adapter(load_config(_config(tmp_path, inside, output_dir=inside), entry_point="merge_adapter"), _deps(merger))
     assert merger.requests == [] and _entries(tmp_path / "out") == []
 
 
@@ -132,7 +127,7 @@ def test_the_base_must_be_where_the_adapter_config_says(tmp_path: Path) -> None:
     adapter = _adapter_dir(tmp_path / "adapter", tmp_path / "gone")
     with pytest.raises(ArtifactError, match=r"adapter_config.json: 'base_model_name_or_path' = .*gone.* is not a "
                                             r"local checkpoint directory"):  # fmt: skip
-        merge_adapter(load_config(_config(tmp_path, adapter), entry_point="merge_adapter"), FakeMerger())
+        merge_adapter(load_config(_config(tmp_path, adapter), entry_point="merge_adapter"), _deps(FakeMerger()))
     assert _entries(tmp_path / "out") == []
 
 
@@ -146,13 +141,13 @@ def test_a_tiny_base_is_rebuilt_from_the_recorded_settings(tmp_path: Path) -> No
     tiny = {"seed": 0, "cache_dir": str(cache)}
     adapter = _adapter_dir(tmp_path / "a", cache / built.name, training_model={"path": None, "tiny": tiny})
     merger = FakeMerger()
-    merge_adapter(load_config(_config(tmp_path, adapter), entry_point="merge_adapter"), merger)
+    merge_adapter(load_config(_config(tmp_path, adapter), entry_point="merge_adapter"), _deps(merger))
     assert merger.requests[0].base_dir == built
 
     other = _adapter_dir(tmp_path / "b", cache / "tiny-qwen3vl-0000000000000000",
                          training_model={"path": None, "tiny": tiny})  # fmt: skip
     with pytest.raises(ArtifactError, match="rebuilt from the recorded 'model.tiny'"):
-        merge_adapter(load_config(_config(tmp_path, other, name="other"), entry_point="merge_adapter"), merger)
+        merge_adapter(load_config(_config(tmp_path, other, name="other"), entry_point="merge_adapter"), _deps(merger))
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ def convert_shapes3(out: Path) -> Path:
 def train_stage1(out: Path, train_jsonl: Path) -> Path:
     """A few Stage-1 steps on the tiny model (fp32, CPU) saving one checkpoint; its directory."""
     from application.config import load_config
-    from application.train import train
+    from train_runner import run_train
 
     config = {
         "run": {"name": "stage1", "output_dir": str(out / "train"), "seed": 17},
@@ -124,7 +124,7 @@ def train_stage1(out: Path, train_jsonl: Path) -> Path:
     }  # fmt: skip
     path = out / "train.yaml"
     path.write_text(yaml.safe_dump(config))
-    outcome = train(load_config(path, entry_point="train"))
+    outcome = run_train(load_config(path, entry_point="train"))
     assert outcome.global_step == TRAIN_STEPS
     checkpoint = out / "train" / "stage1" / f"checkpoint-{TRAIN_STEPS}"
     marker = json.loads((checkpoint / "checkpoint_complete.json").read_text())

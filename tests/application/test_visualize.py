@@ -364,7 +364,7 @@ def evaluated_run(tmp_path: Path) -> tuple[Path, Path]:
         records.append(record(i, f"{i}.png", gt, pred, errors=["wrong_arity"] * i))
     artifact = write_artifact(run / "gt_vs_pred.jsonl", records)
     coco = wiring.make_coco_evaluator("faster_coco_eval")
-    evaluate_artifact(artifact, EvalConfig(), run / "eval", coco=coco, semantic=SemanticStep.off("test"))
+    evaluate_artifact(artifact, EvalConfig(), run / "eval", coco=coco, semantic=SemanticStep.off("test"), artifacts=wiring.make_artifact_store())
     return artifact, run / "eval"
 
 
@@ -435,7 +435,7 @@ def test_an_empty_result_is_explained_on_the_report(tmp_path: Path) -> None:
         records.append(record(i, f"{i}.png", [bbox([4, 4, 30, 30], "cat")], [], errors=codes))
     artifact = write_artifact(run / "gt_vs_pred.jsonl", records)
     coco = wiring.make_coco_evaluator("faster_coco_eval")
-    evaluate_artifact(artifact, EvalConfig(), run / "eval", coco=coco, semantic=SemanticStep.off("test"))
+    evaluate_artifact(artifact, EvalConfig(), run / "eval", coco=coco, semantic=SemanticStep.off("test"), artifacts=wiring.make_artifact_store())
     vis(artifact, run / "vis", eval_dir=run / "eval")
     text = (run / "vis" / "report.html").read_text(encoding="utf-8")
     summary = re.findall(r'<p class="summary">([^<]+)</p>', text)

@@ -16,30 +16,32 @@ from domain.losses import (
     PRODUCTION_SETTINGS,
     CoordBlockSums,
     CoordLossSettings,
-    MicroBatchSums,
-    StepCounts,
     coord_pair_terms,
     cross_entropy,
-    eval_objective,
     gate_term,
     gaussian_target,
     log_softmax,
-    logged_step_loss,
-    logging_window_loss,
-    micro_batch_lambda,
-    micro_batch_objective,
     micro_batch_reference,
     objective_metric_updates,
     sanitize_logits,
     sanitize_result,
     soft_ce,
-    step_counts,
-    step_lambdas,
-    step_objective,
     supervised_pairs,
     w1_distance,
 )
 from domain.metrics_registry import is_registered
+from domain.normalisation import (
+    MicroBatchSums,
+    StepCounts,
+    eval_objective,
+    logged_step_loss,
+    logging_window_loss,
+    micro_batch_lambda,
+    micro_batch_objective,
+    step_counts,
+    step_lambdas,
+    step_objective,
+)
 
 K = np.arange(NUM_BINS)
 V = 1100

@@ -47,7 +47,7 @@ def test_latest_skips_a_truncated_checkpoint_with_a_warning(run_dir: Path) -> No
     weights = run_dir / "checkpoint-6" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.warns(RuntimeWarning, match=r"skipped .*checkpoint-6 \(model\.safetensors: 100 bytes, the marker says 2304"):
-        chosen = resume_checkpoint(run_dir, "latest", check_fresh=False)
+        chosen = resume_checkpoint(run_dir, "latest", wiring.make_checkpoint_store(), check_fresh=False)
     assert chosen == run_dir / "checkpoint-4"
 
 
@@ -57,7 +57,7 @@ def test_a_same_size_change_is_caught_by_the_hash(run_dir: Path) -> None:
     data[7] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.warns(RuntimeWarning, match="content differs from the SHA-256"):
-        assert resume_checkpoint(run_dir, "latest", check_fresh=False) == run_dir / "checkpoint-4"
+        assert resume_checkpoint(run_dir, "latest", wiring.make_checkpoint_store(), check_fresh=False) == run_dir / "checkpoint-4"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
@@ -73,7 +73,7 @@ def test_an_explicit_damaged_checkpoint_is_refused_naming_the_one_to_use(run_dir
     with pytest.raises(ConfigError, match=r"'model\.path' = .*checkpoint-6.* is damaged: " + expected):
         wiring.resolve_model_checkpoint(ModelConfig(path=run_dir / "checkpoint-6"))
     with pytest.raises(ConfigError, match=r"'training\.resume_from_checkpoint' = .*damaged: " + expected):
-        resume_checkpoint(run_dir, str(run_dir / "checkpoint-6"), check_fresh=False)
+        resume_checkpoint(run_dir, str(run_dir / "checkpoint-6"), wiring.make_checkpoint_store(), check_fresh=False)
     assert wiring.resolve_model_checkpoint(ModelConfig(path=run_dir / "checkpoint-2")) == run_dir / "checkpoint-2"
 
 
@@ -81,4 +81,4 @@ def test_latest_with_every_checkpoint_damaged_is_refused(run_dir: Path) -> None:
     for step in (2, 4, 6):
         (run_dir / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"every complete checkpoint of .* is damaged"):
-        resume_checkpoint(run_dir, "latest", check_fresh=False)
+        resume_checkpoint(run_dir, "latest", wiring.make_checkpoint_store(), check_fresh=False)

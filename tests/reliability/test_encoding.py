@@ -20,7 +20,7 @@ from bad_data import (
 from adapters.fakes.training import RecordingTrainingEngine
 from application import wiring
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 from application.validate_dataset import main as validate_main
 from domain.errors import ArtifactError, DataContractError
 
@@ -55,7 +55,7 @@ def test_training_reports_every_kind_of_problem_at_once_before_the_engine(tmp_pa
     jsonl = _mixed_split(tmp_path)
     engine = RecordingTrainingEngine()
     with pytest.raises(DataContractError) as info:
-        train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
+        run_train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
     problems = info.value.problems
     assert [(p.line, p.field) for p in problems] == EXPECTED
     assert problems[0].reason == NOT_UTF8
@@ -79,7 +79,7 @@ def test_image_problems_are_not_held_back_behind_twenty_record_problems(tmp_path
     lines += [record_line(f"img/gone{i}.png") for i in range(6)]  # lines 26..31: missing images
     jsonl = write_jsonl(tmp_path / "train.jsonl", lines)
     with pytest.raises(DataContractError) as info:
-        train(load_config(train_config(tmp_path, jsonl), entry_point="train"), RecordingTrainingEngine())
+        run_train(load_config(train_config(tmp_path, jsonl), entry_point="train"), RecordingTrainingEngine())
     problems = info.value.problems
     assert len(problems) == 31 and [p.line for p in problems] == list(range(1, 32))
     assert [p.field for p in problems[25:]] == ["images[0]"] * 6

@@ -50,13 +50,13 @@ def test_kill_9_training_at_a_random_step_resumes_with_the_same_losses(tmp_path:
     """Reference: 4 steps in one go (4 samples, one per step: the kill lands mid-epoch). Faulted: the same run killed with SIGKILL right after a random step
     was logged (often inside that step's checkpoint save), then ``resume_from_checkpoint: latest``."""
     from application.config import load_config
-    from application.train import train
+    from train_runner import run_train
 
     data = convert_shapes3(tmp_path, records=4)
     training = {"max_steps": 4, "save_strategy": "steps", "save_steps": 1, "packing": False}
     reference_cfg = write_train_config(tmp_path / "reference", data, run={"name": "r", "output_dir": str(tmp_path / "ref")},
                                        training=training)  # fmt: skip
-    reference = list(train(load_config(reference_cfg, entry_point="train")).step_losses)
+    reference = list(run_train(load_config(reference_cfg, entry_point="train")).step_losses)
     assert len(reference) == 4
 
     kill_after = random.Random(SEED).randint(2, 3)
@@ -81,7 +81,7 @@ def test_kill_9_training_at_a_random_step_resumes_with_the_same_losses(tmp_path:
 
     resumed_cfg = write_train_config(tmp_path / "resumed_cfg", data, run={"name": "f", "output_dir": str(tmp_path / "faulted")},
                                      training={**training, "resume_from_checkpoint": "latest"})  # fmt: skip
-    train(load_config(resumed_cfg, entry_point="train"))
+    run_train(load_config(resumed_cfg, entry_point="train"))
     losses = logged_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4]  # lines past the resumed checkpoint were cut, then appended
     assert [losses[s] for s in range(1, 5)] == pytest.approx(reference, abs=1e-6)

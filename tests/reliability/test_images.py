@@ -25,7 +25,7 @@ from application import wiring
 from application.config import load_config
 from application.dataset_images import ImageVerdictCache, image_problems, image_root_for
 from application.infer import run_pipeline
-from application.train import train
+from train_runner import run_train
 from application.validate_dataset import main as validate_main
 from domain.errors import DataContractError
 from domain.objects import Ordering
@@ -60,7 +60,7 @@ def test_training_refuses_a_truncated_image_before_the_engine_and_writes_nothing
     jsonl = _split_with_truncated(tmp_path)
     engine = RecordingTrainingEngine()
     with pytest.raises(DataContractError) as info:
-        train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
+        run_train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
     assert str(info.value).startswith(f"{jsonl}:2: images[0]: file is not a decodable image:")
     assert engine.jobs == []  # the engine (and so the model) was never reached
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -86,7 +86,7 @@ def mode(path: Path) -> int:
 def test_expanded_models_and_evaluations_get_the_umask_modes(tmp_path: Path, umask_022: None) -> None:
     from application.config.schema import EvalConfig
     from application.evaluate import evaluate_artifact
-    from application.expand_vocab import expand_vocab
+    from application.expand_vocab import ExpandVocabDependencies, expand_vocab
     from ports.evaluation import SemanticStep
 
     def expander(source: Any, output: Any, *, dtype: str = "bfloat16") -> Any:
@@ -101,7 +101,8 @@ def test_expanded_models_and_evaluations_get_the_umask_modes(tmp_path: Path, uma
     config = tmp_path / "expand.yaml"
     config.write_text(yaml.safe_dump({"run": {"name": "expanded", "output_dir": str(tmp_path / "out")},
                                       "model": {"path": str(source)}}))  # fmt: skip
-    outcome = expand_vocab(load_config(config, entry_point="expand_vocab"), expander=expander)
+    deps = ExpandVocabDependencies(expander=expander, store=wiring.make_artifact_store())  # the real store's modes
+    outcome = expand_vocab(load_config(config, entry_point="expand_vocab"), deps)
     assert mode(outcome.run_dir) == 0o755
     assert mode(outcome.run_dir / "resolved_config.json") == 0o644
 
@@ -109,7 +110,7 @@ def test_expanded_models_and_evaluations_get_the_umask_modes(tmp_path: Path, uma
     artifact.write_text("")
     evaluate_artifact(artifact, EvalConfig(metrics="f1ish", overlay=False), tmp_path / "eval",
                       coco=wiring.make_coco_evaluator("faster_coco_eval"), semantic=SemanticStep.off("test"),
-                      warn=lambda message: None)  # fmt: skip
+                      warn=lambda message: None, artifacts=wiring.make_artifact_store())  # fmt: skip
     assert mode(tmp_path / "eval") == 0o755
     assert {mode(p) for p in (tmp_path / "eval").iterdir()} == {0o644}
 
@@ -150,6 +151,6 @@ def test_only_rank_zero_prints_training_complete(
                                       "model": {"tiny": {"seed": 0}},
                                       "data": {"train_jsonl": str(tmp_path / "t.jsonl")}}))  # fmt: skip
     monkeypatch.setenv("RANK", rank)
-    monkeypatch.setattr(train_module, "train", lambda loaded: TrainingOutcome(2, (1.0, 0.5), None))
+    monkeypatch.setattr(train_module, "train", lambda loaded, deps: TrainingOutcome(2, (1.0, 0.5), None))
     assert train_module.main(["--config", str(config)]) == 0
     assert ("Training complete" in capsys.readouterr().out) is printed

@@ -21,7 +21,7 @@ from bad_data import (
 from adapters.fakes.training import RecordingTrainingEngine
 from application.config import load_config
 from application.dataset_images import CheckedImageLoader, image_problems, image_root_for
-from application.train import train
+from train_runner import run_train
 from application.validate_dataset import main as validate_main
 from domain.errors import DataContractError
 from domain.objects import Ordering
@@ -71,7 +71,7 @@ def test_validate_dataset_and_training_refuse_the_links_before_the_engine(
     assert f"{jsonl}:3: images[0]: resolves outside the image root" in out
     engine = RecordingTrainingEngine()
     with pytest.raises(DataContractError) as info:
-        train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
+        run_train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
     assert [(p.line, p.reason.split(":")[0]) for p in info.value.problems] == [
         (2, "resolves outside the image root"), (3, "resolves outside the image root")]  # fmt: skip
     assert engine.jobs == [] and not (tmp_path / "out").exists()

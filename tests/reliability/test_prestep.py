@@ -1,9 +1,8 @@
 """Issue 11, item 3: a failure before the first step never blocks the rerun.
 
 Every check that can fail before step 1 without the model runs before anything is written: records, images
-and an empty file in the use case; sample lengths, over-long samples and an empty pack plan in the training
-engine's ``prepare``, which the use case calls before the first run file (order: prepare -> run files ->
-run). A run that failed later but never completed a step (its directory holds only the files written before
+and an empty file; sample lengths (the tokenizer only), over-long samples and an empty pack plan; all in the
+use case before its first run file (order: lengths and plans -> run files -> plan files -> the engine's run). A run that failed later but never completed a step (its directory holds only the files written before
 step 1, e.g. when the model failed to load) is started again by the same command; after a kill during the
 first checkpoint save,
 ``resume_from_checkpoint: latest`` starts from step 0, cuts the log back and drops the interrupted save.
@@ -22,11 +21,13 @@ from bad_data import good_split, train_config, validate_config
 
 from adapters.fakes.training import RecordingTrainingEngine
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 from application.validate_dataset import main as validate_main
 from domain.errors import ConfigError, DataContractError, SetupError
 from ports.metrics import MetricSink
-from ports.training import PreparedTraining, TrainingJob, TrainingOutcome, UnitPlan
+from adapters.fakes.training import FakeSampleEncoder
+from ports.tokenizer import ChatSample
+from ports.training import TrainingJob, TrainingOutcome, UnitPlan
 
 RUN_FILES = ("logging.jsonl", "metric_registry.json", "resolved_config.json", "run_metadata.json")
 
@@ -49,7 +50,7 @@ def test_an_empty_jsonl_fails_before_anything_is_written(
     jsonl.write_bytes(content)
     engine = RecordingTrainingEngine()
     with pytest.raises(DataContractError, match=r"train\.jsonl: holds no records \(the file is empty"):
-        train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
+        run_train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
     assert engine.jobs == [] and not (tmp_path / "out").exists()
     assert validate_main(["--config", str(validate_config(tmp_path, jsonl))]) == 1
     assert f"data.train_jsonl: {jsonl}: holds no records" in capsys.readouterr().out
@@ -59,10 +60,24 @@ def _run_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
 
 
-def test_the_engine_prepares_before_the_run_files_and_runs_after_them(tmp_path: Path) -> None:
+@attrs.define
+class WatchingEncoder(FakeSampleEncoder):
+    """Records the run directory's files each time it measures."""
+
+    run_dir: Path = Path()
+    files_when_measured: list[list[str]] = attrs.field(factory=list)
+
+    def lengths(self, samples: "list[ChatSample]") -> list[int]:  # type: ignore[override]
+        self.files_when_measured.append(_run_files(self.run_dir))
+        return super().lengths(samples)
+
+
+def test_lengths_are_measured_before_the_run_files_and_the_engine_runs_after_them(tmp_path: Path) -> None:
     engine = RecordingTrainingEngine()
-    train(load_config(train_config(tmp_path, good_split(tmp_path, 3)), entry_point="train"), engine)
-    assert engine.calls == [("prepare", ()), ("run", RUN_FILES)]
+    encoder = WatchingEncoder(base_length=10, chars_per_token=None, run_dir=tmp_path / "out" / "t")
+    run_train(load_config(train_config(tmp_path, good_split(tmp_path, 3)), entry_point="train"), engine, encoder=encoder)
+    assert encoder.files_when_measured == [[]] and len(encoder.measured) == 3
+    assert engine.calls == [("run", RUN_FILES)]
 
 
 @pytest.mark.parametrize(
@@ -80,11 +95,11 @@ def test_a_failure_in_the_engines_preflight_leaves_no_run_file(
     jsonl = good_split(tmp_path, 3)
     engine = RecordingTrainingEngine()  # 10 tokens a sample: over max_length 8; 30 in all fill no 90-token pack
     with pytest.raises(DataContractError, match=error):
-        train(load_config(train_config(tmp_path, jsonl, training=training), entry_point="train"), engine)
-    assert [name for name, _ in engine.calls] == ["prepare"] and engine.jobs == []
+        run_train(load_config(train_config(tmp_path, jsonl, training=training), entry_point="train"), engine)
+    assert engine.calls == [] and engine.jobs == []
     assert _run_files(tmp_path / "out" / "t") == []
     # nothing blocks the corrected rerun: same run.name, no resume key
-    train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
+    run_train(load_config(train_config(tmp_path, jsonl), entry_point="train"), engine)
     assert _steps(tmp_path / "out" / "t" / "logging.jsonl") == [1, 2]
 
 
@@ -95,10 +110,7 @@ class FailsBeforeStepOne:
 
     calls: int = 0
 
-    def prepare(self, job: TrainingJob) -> PreparedTraining:
-        return PreparedTraining(train=UnitPlan(None, (10,) * len(job.train_records)))
-
-    def run(self, job: TrainingJob, prepared: PreparedTraining, metric_sink: MetricSink) -> TrainingOutcome:
+    def run(self, job: TrainingJob, metric_sink: MetricSink) -> TrainingOutcome:
         self.calls += 1
         raise SetupError(f"{job.model_path}: the model cannot be loaded")
 
@@ -107,11 +119,11 @@ def test_a_run_that_failed_before_its_first_step_is_run_again_by_the_same_comman
     config = train_config(tmp_path, good_split(tmp_path, 3))
     failing = FailsBeforeStepOne()
     with pytest.raises(SetupError, match="cannot be loaded"):
-        train(load_config(config, entry_point="train"), failing)
+        run_train(load_config(config, entry_point="train"), failing, encoder=FakeSampleEncoder(chars_per_token=None))
     run_dir = tmp_path / "out" / "t"
     assert failing.calls == 1 and (run_dir / "logging.jsonl").read_text() == ""  # the files of §7.1 exist
     engine = RecordingTrainingEngine()
-    outcome = train(load_config(config, entry_point="train"), engine)  # no new run.name, no resume key
+    outcome = run_train(load_config(config, entry_point="train"), engine)  # no new run.name, no resume key
     assert outcome.global_step == 2 and _steps(run_dir / "logging.jsonl") == [1, 2]
 
 
@@ -135,11 +147,11 @@ def test_a_kill_during_the_first_checkpoint_save_resumes_with_latest(tmp_path: P
     partial = _killed_during_first_save(run_dir)
     # without a resume request the logged steps are protected: never silently mixed (§7)
     with pytest.raises(ConfigError, match=r"logging\.jsonl \(steps up to 2\).*'latest'"):
-        train(load_config(train_config(tmp_path, jsonl), entry_point="train"), RecordingTrainingEngine())
+        run_train(load_config(train_config(tmp_path, jsonl), entry_point="train"), RecordingTrainingEngine())
     latest = train_config(tmp_path, jsonl, name="t", training={"resume_from_checkpoint": "latest"})
     engine = RecordingTrainingEngine(losses=(4.0, 3.5, 3.0))
     with pytest.warns(RuntimeWarning, match="no complete checkpoint; starting from step 0"):
-        train(load_config(latest, entry_point="train"), engine)
+        run_train(load_config(latest, entry_point="train"), engine)
     assert engine.jobs[0].resume_from is None
     assert not partial.exists()  # the interrupted save is gone, not mixed into the new checkpoint-2
     assert _steps(run_dir / "logging.jsonl") == [1, 2, 3]  # only the new trajectory, no torn line
@@ -150,8 +162,8 @@ def test_a_kill_during_the_first_checkpoint_save_resumes_with_latest(tmp_path: P
 def test_an_over_long_sample_fails_before_the_model_loads_and_any_run_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The real Stage-1 engine on the tiny model: the length check needs only the tokenizer and runs in
-    ``prepare``, before the model loads and before any run file is written."""
+    """The real Stage-1 engine on the tiny model: the length check needs only the tokenizer and runs in the
+    use case, before the model loads and before any run file is written."""
     import swift
 
     monkeypatch.delenv("COORDEXP_CACHE_DIR")  # share the built tiny checkpoint with the other tests
@@ -166,7 +178,7 @@ def test_an_over_long_sample_fails_before_the_model_loads_and_any_run_file(
     tiny = {"tiny": {"seed": 0}, "path": None, "dtype": "float32", "attn_implementation": "eager"}
     short = train_config(tmp_path, jsonl, model=tiny, training={"max_length": 32})
     with pytest.raises(DataContractError, match=r"2 sample\(s\) longer than training\.max_length=32") as info:
-        train(load_config(short, entry_point="train"))
+        run_train(load_config(short, entry_point="train"))
     assert f"{jsonl}:1 length=" in str(info.value) and f"{jsonl}:2 length=" in str(info.value)
     assert loads == [] and _run_files(tmp_path / "out" / "t") == []
     # validate_dataset measures the same lengths as the training pre-pass and names the same lines (issue 10).
@@ -175,7 +187,7 @@ def test_an_over_long_sample_fails_before_the_model_loads_and_any_run_file(
     validate_says = re.findall(r"(\S+:\d+): sample length (\d+) exceeds", capsys.readouterr().out)
     assert validate_says == training_says and len(training_says) == 2
     fixed = train_config(tmp_path, jsonl, model=tiny, training={"max_length": 4096})
-    outcome = train(load_config(fixed, entry_point="train"), RecordingTrainingEngine())
+    outcome = run_train(load_config(fixed, entry_point="train"), RecordingTrainingEngine())
     assert outcome.global_step == 2 and _steps(tmp_path / "out" / "t" / "logging.jsonl") == [1, 2]
 
 
@@ -194,41 +206,46 @@ def test_an_empty_pack_plan_of_the_real_engine_fails_before_the_model_loads_and_
     config = train_config(tmp_path, jsonl, model=_TINY, training={
         "packing": True, "max_length": 4096, "packing_min_fill_ratio": 0.9, "packing_drop_last": True})
     with pytest.raises(DataContractError, match=rf"empty pack plan for {re.escape(str(jsonl))}: N=2 samples"):
-        train(load_config(config, entry_point="train"))
+        run_train(load_config(config, entry_point="train"))
     assert _run_files(tmp_path / "out" / "t") == []
 
 
 @pytest.mark.slow
-def test_the_real_engine_writes_the_prepared_plan_after_the_run_files_and_never_plans_again(
+def test_the_real_engine_trains_on_the_plan_made_before_the_run_files_and_never_plans_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One packed step on the tiny model: ``plan_units`` runs once (in ``prepare``), the plan files are written
-    after the run files, and the cache holds exactly the prepared plan."""
-    from adapters.swift import stage1
+    """One packed step on the tiny model: the plan is made once (before any run file), its files are written
+    after the run files, the cache holds exactly that plan, and the engine trains on it."""
+    from application import train as train_module
+    from application.training_plan import PLAN_CACHE_FILE, PLAN_REPORT_FILE
+    from domain.packing import plan_cache_text
 
     monkeypatch.delenv("COORDEXP_CACHE_DIR")
     planned: list[UnitPlan] = []
-    original_plan_units = stage1.plan_units
+    original_plan_split = train_module.plan_split
 
-    def counting_plan_units(*args: object, **kwargs: object) -> UnitPlan:
-        planned.append(original_plan_units(*args, **kwargs))  # type: ignore[arg-type]
+    def counting_plan_split(*args: object, **kwargs: object) -> UnitPlan:
+        planned.append(original_plan_split(*args, **kwargs))  # type: ignore[arg-type]
         return planned[-1]
 
     files_at_plan_write: list[list[str]] = []
-    original_write_plan = stage1.SwiftStage1Engine._write_plan
+    original_write = train_module.write_plan_files
 
-    def recording_write_plan(self: stage1.SwiftStage1Engine, job: TrainingJob, *args: object) -> None:
-        files_at_plan_write.append(_run_files(job.run_dir))
-        original_write_plan(self, job, *args)  # type: ignore[arg-type]
+    def recording_write(run_dir: Path, *args: object) -> object:
+        files_at_plan_write.append(_run_files(run_dir))
+        return original_write(run_dir, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(stage1, "plan_units", counting_plan_units)
-    monkeypatch.setattr(stage1.SwiftStage1Engine, "_write_plan", recording_write_plan)
+    monkeypatch.setattr(train_module, "plan_split", counting_plan_split)
+    monkeypatch.setattr(train_module, "write_plan_files", recording_write)
     config = train_config(tmp_path, good_split(tmp_path, 2), model=_TINY, training={
         "max_steps": 1, "packing": True, "packing_min_fill_ratio": 0.01})
-    outcome = train(load_config(config, entry_point="train"))
+    outcome = run_train(load_config(config, entry_point="train"))
     run_dir = tmp_path / "out" / "t"
-    assert outcome.global_step == 1 and len(planned) == 1
+    assert outcome.global_step == 1 and len(planned) == 1 and planned[0].plan is not None
     assert len(files_at_plan_write) == 1 and set(RUN_FILES) <= set(files_at_plan_write[0])
-    assert stage1.PLAN_CACHE_FILE not in files_at_plan_write[0]
-    assert (run_dir / stage1.PLAN_CACHE_FILE).read_text() == stage1.plan_cache_text_for(planned[0])
-    assert json.loads((run_dir / stage1.PLAN_REPORT_FILE).read_text())["samples"] == 2
+    assert PLAN_CACHE_FILE not in files_at_plan_write[0]
+    assert planned[0].fingerprint is not None
+    assert (run_dir / PLAN_CACHE_FILE).read_text() == plan_cache_text(
+        planned[0].plan, planned[0].fingerprint, planned[0].lengths
+    )
+    assert json.loads((run_dir / PLAN_REPORT_FILE).read_text())["samples"] == 2

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 from domain.metrics_registry import REGISTRY, Mode, Stage1Emission, stage1_keys
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 def run(config: Path) -> tuple[Any, Path]:
     loaded = load_config(config, entry_point="train")
-    outcome = train(loaded)
+    outcome = run_train(loaded)
     run_config = loaded.config.run
     assert run_config is not None
     return outcome, Path(str(run_config.output_dir)) / str(run_config.name)
@@ -131,7 +131,7 @@ def test_a_raising_diagnostic_leaves_the_losses_and_reports_health(
 ) -> None:
     """§9.37 on the trainer: one warning, the family disappears, the health key appears in every event
     from then on (train and eval), and the per-step losses are identical to a healthy run."""
-    import adapters.swift.stage1 as engine_module
+    import adapters.swift.stage1_runtime as engine_module
 
     def config(name: str) -> Path:
         return make_config(
@@ -239,10 +239,11 @@ _RANK_SCRIPT = r'''
 import json, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, str(Path(sys.argv[3]).parents[1] / "support"))
 from conftest import write_config
 import adapters.torch.instability as runner_module
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 from domain.instability import MicroStepStats
 
 rank = int(os.environ["RANK"])
@@ -271,7 +272,7 @@ cfg = write_config(
                "instability_monitor": {"enabled": True, "detect_loss_spike": False, "detect_low_acc": False,
                                        "early_stop": {"enabled": True, "on_reasons": ["nonfinite_logits"]}}},
 )
-outcome = train(load_config(cfg, entry_point="train"))
+outcome = run_train(load_config(cfg, entry_point="train"))
 (work / "outcome.json").write_text(json.dumps({"global_step": outcome.global_step,
                                                "losses": list(outcome.step_losses)}))
 '''

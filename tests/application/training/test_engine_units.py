@@ -9,13 +9,11 @@ from typing import Any
 
 import pytest
 
-from adapters.swift.stage1 import (
-    epoch_index_batch_sampler,
-    SampleSource,
-    Stage1Dataset,
-    Stage1Runtime,
-    _checked_deepspeed,
-)
+from adapters.swift.stage1 import _checked_deepspeed
+from adapters.swift.stage1_runtime import Stage1Runtime
+from adapters.torch.stage1_data import Stage1Dataset, epoch_index_batch_sampler
+from domain.training_samples import SampleSource
+from ports.training import SampleSettings
 from domain.checkpoints import COMPLETE_MARKER
 from domain.errors import SetupError, StepError
 from domain.objects import CoordMode, DetObject, FieldOrder, GeometryKind, Ordering
@@ -52,12 +50,10 @@ def _dataset(ordering: Ordering) -> Stage1Dataset:
     )
     record = Record(images=("a.jpg",), width=64, height=64, objects=objects, category_ids=(None,) * 6,
                     ann_ids=(None,) * 6, line=1, source="x.jsonl")
-    config = types.SimpleNamespace(
-        data=types.SimpleNamespace(field_order=FieldOrder.DESC_FIRST, coord_mode=CoordMode.TOKENS, ordering=ordering),
-        run=types.SimpleNamespace(seed=17),
-    )
+    settings = SampleSettings(field_order=FieldOrder.DESC_FIRST, coord_mode=CoordMode.TOKENS, ordering=ordering,
+                              seed=17, prompt=PromptTexts("s", "u"))
     sources = [SampleSource(record=record, record_index=0, image_path="a.jpg")]
-    return Stage1Dataset(sources, None, _EchoEncoder(), PromptTexts("s", "u"), config)  # type: ignore[arg-type]
+    return Stage1Dataset(sources, None, _EchoEncoder(), settings)  # type: ignore[arg-type]
 
 
 def test_random_ordering_changes_with_the_epoch_carried_by_the_index() -> None:
@@ -162,7 +158,7 @@ def test_last_position_logits_are_a_step_error_naming_both_shapes() -> None:
 
 @pytest.mark.parametrize(("n", "world"), [(5, 2), (7, 3), (2, 4), (8, 2)])
 def test_train_sampler_trains_every_item_on_some_rank_every_epoch(n: int, world: int) -> None:
-    from adapters.swift.stage1 import EpochIndexBatchSampler
+    from adapters.torch.stage1_data import EpochIndexBatchSampler
 
     for epoch in range(3):
         per_rank = []
@@ -180,7 +176,7 @@ def test_train_sampler_trains_every_item_on_some_rank_every_epoch(n: int, world:
 
 @pytest.mark.parametrize(("n", "world", "batch"), [(5, 2, 2), (4, 2, 3), (1, 3, 1), (7, 1, 3)])
 def test_eval_batches_cover_every_item_exactly_once(n: int, world: int, batch: int) -> None:
-    from adapters.swift.stage1 import eval_index_batches
+    from adapters.torch.stage1_data import eval_index_batches
 
     per_rank = [eval_index_batches(n, batch, r, world) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1  # same number of forwards on every rank
@@ -191,7 +187,7 @@ def test_eval_batches_cover_every_item_exactly_once(n: int, world: int, batch: i
 def test_eval_placeholder_item_supervises_nothing() -> None:
     import numpy as np
 
-    from adapters.swift.stage1 import EvalPaddedDataset
+    from adapters.torch.stage1_data import EvalPaddedDataset
     from adapters.torch.collator import TrainItem
 
     sample = types.SimpleNamespace()
@@ -212,20 +208,12 @@ def test_eval_placeholder_item_supervises_nothing() -> None:
     del sample
 
 
-def test_run_refuses_a_prepared_training_that_was_not_made_for_its_job(tmp_path: Path) -> None:
-    """``run`` trains on the plans ``prepare`` made (issue 11 item 3); plans of another job are a setup error
-    before anything is loaded or written."""
-    from adapters.storage.metric_log import NullMetricSink
-    from adapters.swift.stage1 import SwiftStage1Engine
-    from ports.training import PreparedTraining, TrainingJob, UnitPlan
+def test_a_split_needs_one_image_and_one_length_per_record(tmp_path: Path) -> None:
+    """The job's splits pair records, image files and plan lengths one to one; a mismatch cannot be built."""
+    from ports.training import SplitData, UnitPlan
 
     record = _dataset(Ordering.SORTED).sources[0].record
-    job = TrainingJob(config=types.SimpleNamespace(training=None), run_dir=tmp_path / "run", model_path=tmp_path,
-                      train_records=(record, record), train_images=(tmp_path / "a.jpg",) * 2, val_records=None,
-                      val_images=None, resolved_config_path=tmp_path / "run" / "resolved_config.json")
-    engine = SwiftStage1Engine()
-    for prepared in (PreparedTraining(train=UnitPlan(None, (5,))),
-                     PreparedTraining(train=UnitPlan(None, (5, 5)), val=UnitPlan(None, (5,)))):
-        with pytest.raises(SetupError, match="PreparedTraining that prepare"):
-            engine.run(job, prepared, NullMetricSink())
-    assert not (tmp_path / "run").exists()
+    SplitData((record, record), (tmp_path / "a.jpg",) * 2, UnitPlan(None, (5, 5)))
+    for images, lengths in (((tmp_path / "a.jpg",), (5, 5)), ((tmp_path / "a.jpg",) * 2, (5,))):
+        with pytest.raises(ValueError, match="one image and one length per record"):
+            SplitData((record, record), images, UnitPlan(None, lengths))

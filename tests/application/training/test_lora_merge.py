@@ -21,10 +21,10 @@ import yaml
 from conftest import write_config
 from safetensors.torch import load_file
 
-from adapters.swift.stage1 import model_part
+from adapters.hf.model_parts import model_part
 from application.config import load_config
-from application.merge_adapter import merge_adapter
-from application.train import train
+from application.merge_adapter import default_dependencies, merge_adapter
+from train_runner import run_train
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,14 @@ def _train_and_merge(root: Path, train_jsonl: Path, name: str, training: dict[st
     directory.mkdir()
     settings = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "learning_rate": 2.0e-2, **training}
     loaded = load_config(write_config(directory, train_jsonl, training=settings), entry_point="train")
-    outcome = train(loaded)
+    outcome = run_train(loaded)
     assert outcome.last_checkpoint is not None
     merge_config = directory / "merge.yaml"
     merge_config.write_text(yaml.safe_dump({
         "run": {"name": "merged", "output_dir": str(directory / "merged_out")},
         "model": {"path": str(outcome.last_checkpoint), "dtype": "float32"},
     }))  # fmt: skip
-    merged = merge_adapter(load_config(merge_config, entry_point="merge_adapter"))
+    merged = merge_adapter(load_config(merge_config, entry_point="merge_adapter"), default_dependencies())
     return {"adapter": outcome.last_checkpoint, "merged": merged.run_dir, "base": merged.report.base_dir}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.swift.stage1 import apply_lora, frozen_parts, model_part
+from adapters.hf.model_parts import apply_lora, frozen_parts, model_part
 from application.config.schema import LoraConfig, TrainingConfig
 from domain.errors import ConfigError
 

@@ -20,9 +20,10 @@ import pytest
 import torch
 from test_stage1_train import _grads_for, _run, read_log
 
-import adapters.swift.stage1 as stage1_module
+import adapters.swift.stage1_trainer as trainer_module
 from adapters.torch import coord_loss
-from domain.losses import MicroBatchSums, eval_objective, micro_batch_reference
+from domain.losses import micro_batch_reference
+from domain.normalisation import MicroBatchSums, eval_objective
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ class WindowSpy:
         self.counts: list[list[int]] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        original = stage1_module.window_counts
+        original = trainer_module.window_counts
 
         def spy(batches: Sequence[Any], coord_mask: torch.Tensor) -> torch.Tensor:
             counts = original(batches, coord_mask)
@@ -75,7 +76,7 @@ class WindowSpy:
             self.counts.append([int(v) for v in counts.tolist()])
             return counts
 
-        monkeypatch.setattr(stage1_module, "window_counts", spy)
+        monkeypatch.setattr(trainer_module, "window_counts", spy)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -242,24 +243,19 @@ def test_train_step_loss_equals_eval_loss_on_the_same_samples_and_weights(
     the train CE by T_step, as eval divides by T_eval (the engine's ``n_step = t_step`` switch)."""
     pre_step: list[dict[str, float]] = []
     dropout: list[float] = []
-    original = stage1_module._make_trainer_class
+    base: Any = trainer_module.CoordExpStage1Trainer
 
-    def make_trainer_class() -> type:
-        base: Any = original()
+    class EvaluateBeforeFirstWindow(base):  # type: ignore[misc, valid-type]
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+            if self.state.global_step == 0 and not pre_step:
+                dropout.extend(float(m.p) for m in self.model.modules() if isinstance(m, torch.nn.Dropout))
+                dropout.extend(float(getattr(c, "attention_dropout", 0.0))
+                               for c in (self.model.config, getattr(self.model.config, "text_config", None))
+                               if c is not None)
+                pre_step.append(self.evaluate())
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
 
-        class EvaluateBeforeFirstWindow(base):  # type: ignore[misc, valid-type]
-            def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
-                if self.state.global_step == 0 and not pre_step:
-                    dropout.extend(float(m.p) for m in self.model.modules() if isinstance(m, torch.nn.Dropout))
-                    dropout.extend(float(getattr(c, "attention_dropout", 0.0))
-                                   for c in (self.model.config, getattr(self.model.config, "text_config", None))
-                                   if c is not None)
-                    pre_step.append(self.evaluate())
-                return super().get_batch_samples(epoch_iterator, num_batches, device)
-
-        return EvaluateBeforeFirstWindow
-
-    monkeypatch.setattr(stage1_module, "_make_trainer_class", make_trainer_class)
+    monkeypatch.setattr(trainer_module, "CoordExpStage1Trainer", EvaluateBeforeFirstWindow)
     outcome, events = _eval_run(
         make_config, tmp_path, "g4", four_records, four_records,
         {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "per_device_eval_batch_size": 1},
@@ -286,12 +282,13 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, str(Path(sys.argv[3]).parents[1] / "support"))
 from conftest import write_config
 
-import adapters.swift.stage1 as stage1_module
+import adapters.swift.stage1_trainer as trainer_module
 from adapters.swift.stage1 import SwiftStage1Engine
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 
 rank = int(os.environ["RANK"])
 work = Path(sys.argv[1]) / f"r{rank}"  # each rank its own config file; one shared run directory
@@ -309,7 +306,7 @@ def counting_all_reduce(*args, **kwargs):
 
 dist.all_reduce = counting_all_reduce
 local_counts = []
-real_window_counts = stage1_module.window_counts
+real_window_counts = trainer_module.window_counts
 
 
 def spy_window_counts(batches, coord_mask):
@@ -318,30 +315,25 @@ def spy_window_counts(batches, coord_mask):
     return counts
 
 
-stage1_module.window_counts = spy_window_counts
-make_base = stage1_module._make_trainer_class
+trainer_module.window_counts = spy_window_counts
+base = trainer_module.CoordExpStage1Trainer
 
 
-def make_trainer_class():
-    base = make_base()
-
-    class CountingTrainer(base):
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            inside["on"], inside["all_reduce"] = True, 0
-            try:
-                batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            finally:
-                inside["on"] = False
-            windows.append({"world_size": dist.get_world_size(),
-                            "micro_batches": [int(b["labels"].shape[0]) for b in batches],
-                            "local": local_counts[-1], "reduced": [int(v) for v in self._window.tolist()],
-                            "all_reduce_calls": inside["all_reduce"]})
-            return batches, num_items
-
-    return CountingTrainer
+class CountingTrainer(base):
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        inside["on"], inside["all_reduce"] = True, 0
+        try:
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        finally:
+            inside["on"] = False
+        windows.append({"world_size": dist.get_world_size(),
+                        "micro_batches": [int(b["labels"].shape[0]) for b in batches],
+                        "local": local_counts[-1], "reduced": [int(v) for v in self._window.tolist()],
+                        "all_reduce_calls": inside["all_reduce"]})
+        return batches, num_items
 
 
-stage1_module._make_trainer_class = make_trainer_class
+trainer_module.CoordExpStage1Trainer = CountingTrainer
 
 
 class FirstStepGradients(TrainerCallback):
@@ -357,7 +349,7 @@ cfg = write_config(
     training={"max_steps": 2, "packing": False, "per_device_train_batch_size": 1,
               "gradient_accumulation_steps": 2, "max_grad_norm": 1.0e9},
 )
-outcome = train(load_config(cfg, entry_point="train"), SwiftStage1Engine(callbacks=[FirstStepGradients()]))
+outcome = run_train(load_config(cfg, entry_point="train"), SwiftStage1Engine(callbacks=[FirstStepGradients()]))
 (work / "outcome.json").write_text(json.dumps({"global_step": outcome.global_step, "losses": list(outcome.step_losses),
                                                "group_released": not dist.is_initialized(), "windows": windows}))
 '''

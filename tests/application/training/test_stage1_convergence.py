@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 
 from application import wiring
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 
 pytestmark = pytest.mark.slow
 
 
 def test_loss_decreases_over_a_longer_smoke_run(shapes3_bbox: Path, make_config: Callable[..., Path]) -> None:
     cfg = make_config(shapes3_bbox, training={"max_steps": 12, "learning_rate": 2.0e-3})
-    losses = train(load_config(cfg, entry_point="train")).step_losses
+    losses = run_train(load_config(cfg, entry_point="train")).step_losses
     assert len(losses) == 12
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first - 0.5, losses
@@ -38,7 +38,7 @@ def test_coord_offsets_alone_move_only_the_coord_rows(shapes3_bbox: Path, make_c
     loaded = load_config(cfg, entry_point="train")
     base_dir = wiring.resolve_model_checkpoint(loaded.config.model)
     before = load_file(str(base_dir / "model.safetensors"))
-    train(loaded)
+    run_train(loaded)
     after = load_file(str(Path(loaded.config.run.output_dir) / "t" / "checkpoint-2" / "model.safetensors"))
     offsets = {k: v for k, v in after.items() if "coord_offset_adapter" in k}
     assert offsets, f"no offset tensors saved: {sorted(after)[:5]}"
@@ -61,7 +61,7 @@ def test_lora_with_coord_offsets_trains_and_saves_both(shapes3_bbox: Path, make_
                   "coord_offset": {"enabled": True, "tie_head": True}},
     )
     loaded = load_config(cfg, entry_point="train")
-    outcome = train(loaded)
+    outcome = run_train(loaded)
     assert outcome.global_step == 2
     ckpt = Path(loaded.config.run.output_dir) / "t" / "checkpoint-2"
     adapter = load_file(str(ckpt / "adapter_model.safetensors"))

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from adapters.swift.stage1 import SwiftStage1Engine
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 from domain.errors import ConfigError, StepError
 from domain.metrics_registry import REGISTRY
 
@@ -42,7 +42,7 @@ class GradientSpy(TrainerCallback):  # type: ignore[misc]
 
 
 def _run(config: Path, engine: SwiftStage1Engine | None = None) -> Any:
-    return train(load_config(config, entry_point="train"), engine)
+    return run_train(load_config(config, entry_point="train"), engine)
 
 
 def test_smoke_run_writes_artifacts_and_registered_keys_only(
@@ -225,7 +225,7 @@ def test_full_fine_tune_keeps_the_frozen_vision_tower_bit_identical(
     loaded = load_config(cfg, entry_point="train")
     base_dir = wiring.resolve_model_checkpoint(loaded.config.model)
     before = load_file(str(base_dir / "model.safetensors"))
-    train(loaded)
+    run_train(loaded)
     after = load_file(str(Path(loaded.config.run.output_dir) / "t" / "checkpoint-2" / "model.safetensors"))
     visual = [k for k in before if ".visual." in f".{k}"]
     assert visual, "expected vision-tower weights in the checkpoint"
@@ -258,7 +258,7 @@ def test_random_ordering_reaches_the_dataset_with_the_epoch(
     shapes3_bbox: Path, make_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """data.md §2.5 / test 22: over 2 epochs the trainer's indices carry the epoch, so objects are reshuffled."""
-    from adapters.swift import stage1
+    from adapters.torch import stage1_data as stage1
 
     seen: list[int] = []
     targets: dict[int, str] = {}

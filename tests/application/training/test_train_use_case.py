@@ -10,7 +10,7 @@ import pytest
 
 from adapters.fakes.training import RecordingTrainingEngine
 from application.config import load_config
-from application.train import train
+from train_runner import run_train
 from domain.errors import ConfigError, DataContractError
 
 
@@ -26,7 +26,7 @@ def test_rank_zero_writes_the_run_files_and_logs(
     monkeypatch.setenv("RANK", "0")
     cfg = _cfg(make_config, shapes3_bbox, tmp_path)
     engine = RecordingTrainingEngine()
-    outcome = train(load_config(cfg, entry_point="train"), engine)
+    outcome = run_train(load_config(cfg, entry_point="train"), engine)
     run_dir = tmp_path / "out" / "t"
     assert outcome.global_step == 2
     assert {p.name for p in run_dir.iterdir()} >= {"resolved_config.json", "run_metadata.json",
@@ -34,8 +34,8 @@ def test_rank_zero_writes_the_run_files_and_logs(
     lines = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
     assert [e["global_step"] for e in lines] == [1, 2]
     job = engine.jobs[0]
-    assert len(job.train_records) == len(job.train_images) == 3
-    assert all(p.is_file() for p in job.train_images)
+    assert len(job.train.records) == len(job.train.images) == len(job.train.plan.lengths) == 3
+    assert all(p.is_file() for p in job.train.images)
 
 
 def test_other_ranks_write_nothing_and_do_not_trip_over_rank_zeros_files(
@@ -47,12 +47,12 @@ def test_other_ranks_write_nothing_and_do_not_trip_over_rank_zeros_files(
     logged = '{"global_step": 1, "loss": 1.0}\n'
     (run_dir / "logging.jsonl").write_text(logged)  # rank 0 got there first (and logged a step)
     monkeypatch.setenv("RANK", "1")
-    train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
+    run_train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
     assert [p.name for p in run_dir.iterdir()] == ["logging.jsonl"]
     assert (run_dir / "logging.jsonl").read_text() == logged
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="resume_from_checkpoint"):
-        train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
+        run_train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
 
 
 def test_a_bad_record_fails_before_the_engine_or_any_run_file(
@@ -67,7 +67,7 @@ def test_a_bad_record_fails_before_the_engine_or_any_run_file(
         (tmp_path / name).symlink_to(shapes3_bbox.parent / name)
     engine = RecordingTrainingEngine()
     with pytest.raises(DataContractError, match=r"bad.jsonl:2: width: must be a positive multiple of 32"):
-        train(load_config(_cfg(make_config, bad, tmp_path), entry_point="train"), engine)
+        run_train(load_config(_cfg(make_config, bad, tmp_path), entry_point="train"), engine)
     assert engine.jobs == [] and not (tmp_path / "out").exists()
 
 
@@ -79,13 +79,13 @@ def test_resume_requires_a_complete_checkpoint(
     cfg = make_config(shapes3_bbox, model={"path": str(tmp_path), "tiny": None, "dtype": "float32"},
                       training={"resume_from_checkpoint": str(incomplete)})
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
+        run_train(load_config(cfg, entry_point="train"), RecordingTrainingEngine())
     latest = make_config(shapes3_bbox, model={"path": str(tmp_path), "tiny": None, "dtype": "float32"},
                          training={"resume_from_checkpoint": "latest"})
     # 'latest' with nothing complete starts from step 0 and drops the interrupted save (issue 11, item 3)
     engine = RecordingTrainingEngine()
     with pytest.warns(RuntimeWarning, match="no complete checkpoint; starting from step 0"):
-        train(load_config(latest, entry_point="train"), engine)
+        run_train(load_config(latest, entry_point="train"), engine)
     assert engine.jobs[0].resume_from is None and not incomplete.exists()
 
 

@@ -28,7 +28,8 @@ def test_shapes3_lengths_equal_the_encoded_training_samples(shapes3_bbox: Path, 
     """The lengths validate_dataset reports are len(input_ids) of the samples training encodes."""
     from adapters.hf.checkpoint import load_processor
     from adapters.hf.encoding import HFSampleEncoder
-    from adapters.swift.stage1 import build_sources, training_prompt, training_samples
+    from application.training_plan import sample_lengths_of, split_sources, training_samples
+    from application.training_settings import sample_settings
     from application.config.schema import ModelConfig, TinyModelConfig
     from application.datasets import load_split
 
@@ -36,14 +37,17 @@ def test_shapes3_lengths_equal_the_encoded_training_samples(shapes3_bbox: Path, 
     assert config.model is None  # the tiny model by default
     artifacts, images = wiring.make_artifact_store(), wiring.make_image_store()
     result = vd.validate_dataset(
-        config, artifacts=artifacts, images=images, sample_lengths=wiring.make_sample_lengths(config)
+        config, artifacts=artifacts, images=images, sample_lengths=sample_lengths_of(
+            wiring.make_sample_encoders()(wiring.resolve_model_checkpoint(ModelConfig(tiny=TinyModelConfig()))),
+            sample_settings(config),
+        )
     )
     (split,) = result.splits
     assert result.ok and split.records == 3 and split.lengths is not None
 
     # Training's path: the loaded split, the conversations, the encoder with the image decoded.
     loaded = load_split(shapes3_bbox, config.data, config.prompt.variant, limit=None, artifacts=artifacts, images=images)
-    samples = training_samples(build_sources(tuple(loaded.records), loaded.images), training_prompt(config), config)
+    samples = training_samples(split_sources(tuple(loaded.records), loaded.images), sample_settings(config))
     encoder = HFSampleEncoder(load_processor(wiring.resolve_model_checkpoint(ModelConfig(tiny=TinyModelConfig()))))
     encoded = sorted(encoder.encode_sample(s).length for s in samples)
     assert (split.lengths.count, split.lengths.minimum, split.lengths.p50, split.lengths.maximum) == (3, *encoded)
