@@ -8,8 +8,14 @@ per-id pieces (``HFTokenizer.piece``, memoised per id, and the un-memoised per-i
 scan (token-aligned scan), match (§6, mask IoU at R = 256: closed-form for bbox pairs), targets (FN
 injection, closure check, mask plan, and the duplicate monitor of §18.7, which ``construct_targets``
 now runs), the monitor alone, and the whole ``build_channel_b_targets`` with pieces given or decoded
-inside; the reference is ``tokenizer.encode`` of the rollout text. Prints times and ratios side by
-side. No assertion: a benchmark. Target: <= 2 ms per sample for the whole step.
+inside; the reference is ``tokenizer.encode`` of the rollout text. Prints per-stage times and ratios
+to the encode side by side, then the whole step against the 2 ms target and against the encode. No
+assertion: a benchmark. Target (issue 12): <= 2 ms per sample for the whole step, pieces given.
+
+Last measured (shared 2-core box, best of 7, load 2-3.5): scan 0.82-0.95, match 0.38-0.43, targets + masks +
+dup 1.04-1.13 (monitor 0.13), whole step 2.24-2.44 ms/sample (1.5-1.6x the 1.5 ms encode; 4.39 before round 2
+of issue 12): target not met; the floor is per-record Python work and fixed numpy / tokenizer calls, see
+docs/stage2.md "Speed".
 """
 
 from __future__ import annotations
@@ -138,10 +144,12 @@ def main() -> None:
     )
     for name, t in times.items():
         print(f"  {name:<28} {t * 1e3:8.3f} ms/sample {t / ref_t:6.2f}x")
-    t_all = times["whole step, pieces decoded"]
-    print(
-        f"target <= 2 ms/sample: {'met' if t_all <= 2e-3 else 'NOT met'} ({t_all * 1e3:.3f} ms, pieces decoded inside)"
-    )
+    for key in ("whole step, pieces given", "whole step, pieces decoded"):
+        t_all = times[key]
+        print(
+            f"{key}: {t_all * 1e3:.3f} ms/sample = {t_all / 2e-3:.2f}x the 2 ms target "
+            f"({'met' if t_all <= 2e-3 else 'NOT met'}), {t_all / ref_t:.2f}x tokenize ({ref_t * 1e3:.3f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 import json
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -142,39 +144,40 @@ class _TypedWriter:
         self.parts.append(s)
         self.pos += len(s)
 
-    def typed(self, s: str, cls: TokenClass) -> None:
-        if s:
-            self.spans.append(CharSpan(self.pos, self.pos + len(s), cls))
-        self.fmt(s)
-
     def record(self, obj: DetObject, field_order: FieldOrder, coord_mode: CoordMode) -> None:
-        desc_first = field_order is FieldOrder.DESC_FIRST
-        self.fmt("{")
-        if desc_first:
-            self._desc(obj.desc)
-            self.fmt(", ")
-        self.fmt(_geometry_key(obj.kind) + ": [")
-        for j, k in enumerate(obj.bins):
+        # One record as one string: the pieces, and the spans, that fmt / typed would give piece by piece.
+        lits = [_coord_literal(k, coord_mode) for k in obj.bins]
+        quoted = json.dumps(obj.desc, ensure_ascii=False)[1:-1]
+        geom = _geometry_key(obj.kind) + ": ["
+        spans = self.spans
+        pos = self.pos + 1  # after "{"
+        if field_order is FieldOrder.DESC_FIRST:
+            pos += 9  # '"desc": "'
+            if quoted:
+                spans.append(CharSpan(pos, pos + len(quoted), TokenClass.DESC))
+            pos += len(quoted) + 3  # '", '
+        pos += len(geom)
+        for j, lit in enumerate(lits):
             if j:
-                self.fmt(", ")
-            self.typed(_coord_literal(k, coord_mode), TokenClass.COORD)
-        self.fmt("]")
-        if not desc_first:
-            self.fmt(", ")
-            self._desc(obj.desc)
-        self.fmt("}")
+                pos += 2  # ", "
+            if lit:
+                spans.append(CharSpan(pos, pos + len(lit), TokenClass.COORD))
+            pos += len(lit)
+        pos += 1  # "]"
+        if field_order is FieldOrder.DESC_FIRST:
+            text = '{"desc": "' + quoted + '", ' + geom + ", ".join(lits) + "]}"
+        else:
+            pos += 2 + 9  # ', "desc": "'
+            if quoted:
+                spans.append(CharSpan(pos, pos + len(quoted), TokenClass.DESC))
+            text = "{" + geom + ", ".join(lits) + '], "desc": "' + quoted + '"}'
+        self.fmt(text)
 
     def records(self, objects: Sequence[DetObject], field_order: FieldOrder, coord_mode: CoordMode) -> None:
         for i, obj in enumerate(objects):
             if i:
                 self.fmt(", ")
             self.record(obj, field_order, coord_mode)
-
-    def _desc(self, desc: str) -> None:
-        quoted = json.dumps(desc, ensure_ascii=False)
-        self.fmt('"desc": "')
-        self.typed(quoted[1:-1], TokenClass.DESC)
-        self.fmt('"')
 
     def text(self) -> str:
         return "".join(self.parts)
@@ -270,13 +273,55 @@ class _Frame:
         self.key: _Node | None = None
 
 
+# The common record shape in one C match: two members, ``"key": "string"`` and ``"key": [flat array]`` in
+# either order, each lexeme as the walk below reads it. ``_parse_record`` builds from its groups exactly
+# the members the walk would (tests/domain/test_stage2_fast_paths.py holds the two equal).
+_WS_P = r"[ \t\n\r]*+"
+_FLAT_ARRAY_PATTERN = _FLAT_ARRAY.pattern
+_TWO_MEMBER_RECORD = re.compile(
+    rf"\{{{_WS_P}({_JSON_STRING.pattern}){_WS_P}:{_WS_P}(?:({_JSON_STRING.pattern})|({_FLAT_ARRAY_PATTERN}))"
+    rf"{_WS_P},{_WS_P}({_JSON_STRING.pattern}){_WS_P}:{_WS_P}(?:({_JSON_STRING.pattern})|({_FLAT_ARRAY_PATTERN}))"
+    rf"{_WS_P}\}}"
+)
+
+
+def _flat_array_node(s: str, p: int, end: int) -> _Node:
+    """The node of a flat array ``s[p:end]`` matched by ``_FLAT_ARRAY``."""
+    return (
+        _ARR,
+        p,
+        end,
+        tuple(
+            (_TOK if s[m.start()] == "<" else _NUM, m.start(), m.end(), ())
+            for m in _LITERAL.finditer(s, p + 1, end - 1)
+        ),
+    )
+
+
 def _parse_record(s: str, pos: int) -> tuple[list[tuple[_Node, _Node]], int]:
     """The ``"key": value`` members of the record whose ``{`` is at ``pos``, and the index after its ``}``.
 
     Values are JSON plus ``<|...|>`` runs and number-like literals (well-formedness of row 1). The walk is
     iterative: nesting in the input costs list entries, never Python recursion, and more than
     :data:`MAX_NESTING` levels below the record's braces is malformed (data.md §5.8 item 4a).
+    A record of the common shape (``_TWO_MEMBER_RECORD``) is read from one match instead, to the same members.
     """
+    fast = _TWO_MEMBER_RECORD.match(s, pos)
+    if fast is not None:
+        members: list[tuple[_Node, _Node]] = []
+        for key_group in (1, 4):
+            key_node: _Node = (_STR, fast.start(key_group), fast.end(key_group), ())
+            if fast.start(key_group + 1) >= 0:
+                value: _Node = (_STR, fast.start(key_group + 1), fast.end(key_group + 1), ())
+            else:
+                value = _flat_array_node(s, fast.start(key_group + 2), fast.end(key_group + 2))
+            members.append((key_node, value))
+        return members, fast.end()
+    return _parse_record_walk(s, pos)
+
+
+def _parse_record_walk(s: str, pos: int) -> tuple[list[tuple[_Node, _Node]], int]:
+    """:func:`_parse_record` by the general walk (any record)."""
     n = len(s)
     ws = _WS.match
     frames = [_Frame(True, pos)]
@@ -301,16 +346,7 @@ def _parse_record(s: str, pos: int) -> tuple[list[tuple[_Node, _Node]], int]:
                 raise _Malformed(p, f"arrays and objects nest more than {MAX_NESTING} levels deep")
             flat = _FLAT_ARRAY.match(s, p) if c == "[" else None
             if flat is not None:
-                end = flat.end()
-                node = (
-                    _ARR,
-                    p,
-                    end,
-                    tuple(
-                        (_TOK if s[m.start()] == "<" else _NUM, m.start(), m.end(), ())
-                        for m in _LITERAL.finditer(s, p + 1, end - 1)
-                    ),
-                )
+                node = _flat_array_node(s, p, flat.end())
             else:
                 q = ws(s, p + 1).end()  # type: ignore[union-attr]
                 if q < n and s[q] == ("}" if c == "{" else "]"):
@@ -420,7 +456,9 @@ def _validate_record(
     keys: list[str] = []
     values: dict[str, _Node] = {}
     for key_node, value in members:
-        key = _decode_string(s[key_node[1] : key_node[2]])
+        key = s[key_node[1] + 1 : key_node[2] - 1]
+        if "\\" in key:
+            key = _decode_string(s[key_node[1] : key_node[2]])
         if key not in _ALLOWED_KEYS:
             return RecordVerdict(
                 DropReason.UNEXPECTED_KEYS, f"unexpected key {key!r}; allowed keys are desc, bbox_2d, poly"
@@ -469,12 +507,13 @@ def _validate_record(
     bins: list[int] = []
     spans: list[tuple[int, int]] = []
     tokens_mode = coord_mode is CoordMode.TOKENS
+    bin_of_token = _BIN_OF_TOKEN.get
     for j, (ikind, istart, iend, _) in enumerate(geom_node[3]):
         lexeme = s[istart:iend]
         k: int | None = None
         if tokens_mode:
             if ikind == _TOK:
-                k = _BIN_OF_TOKEN.get(lexeme)
+                k = bin_of_token(lexeme)
         elif ikind == _NUM and _CANONICAL_BIN.fullmatch(lexeme) is not None:
             k = int(lexeme)
         a, b = start + istart, start + iend
@@ -619,14 +658,67 @@ def _structural_chars(text: str, pos: int, n: int, stops: re.Pattern[str]) -> It
         pos = p + 1
 
 
+# A record with no ``{`` inside (outside strings) up to its first ``}``: strings as ``_STRING_REST`` reads
+# them, possessive so a failing match is linear. Its end is where the depth walk below returns 0.
+_FLAT_RECORD_EXTENT = re.compile(r'\{(?:[^{}"]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+\}', re.DOTALL)
+
+
 def _record_end(text: str, start: int, n: int) -> int:
     """Index after the ``}`` that returns the brace depth to 0 (outside strings), or -1 (data.md §5.8.1)."""
+    m = _FLAT_RECORD_EXTENT.match(text, start, n)
+    if m is not None:  # the common case, one C match; anything else takes the walk
+        return m.end()
     depth = 0
     for p, c in _structural_chars(text, start, n, _BRACE_OR_QUOTE):
         depth += 1 if c == "{" else -1
         if depth == 0:
             return p + 1
     return -1
+
+
+# The canonical bbox record (either field order, any JSON whitespace, a desc without escapes, four coord
+# tokens) in one C match: its extent is the one ``_record_end`` finds (no brace or quote outside the
+# desc string), and ``_canonical_verdict`` gives from its groups the verdict ``_validate_record`` gives
+# (tests/domain/test_stage2_fast_paths.py holds both equal). Anything else, or a verdict other than
+# valid, takes the general path. Tokens mode only.
+_COORD_TOKEN_GROUP = r"(<\|coord_(0|[1-9][0-9]{0,2})\|>)"
+_CANON_BBOX = (
+    rf"\[{_WS_P}{_COORD_TOKEN_GROUP}{_WS_P},{_WS_P}{_COORD_TOKEN_GROUP}{_WS_P},{_WS_P}{_COORD_TOKEN_GROUP}"
+    rf"{_WS_P},{_WS_P}{_COORD_TOKEN_GROUP}{_WS_P}\]"
+)
+_CANON_DESC = r'"([^"\\\x00-\x1f]*)"'
+_CANONICAL_RECORD: dict[FieldOrder, re.Pattern[str]] = {
+    FieldOrder.DESC_FIRST: re.compile(
+        rf'\{{{_WS_P}"desc"{_WS_P}:{_WS_P}{_CANON_DESC}{_WS_P},{_WS_P}"bbox_2d"{_WS_P}:{_WS_P}{_CANON_BBOX}{_WS_P}\}}'
+    ),
+    FieldOrder.GEOMETRY_FIRST: re.compile(
+        rf'\{{{_WS_P}"bbox_2d"{_WS_P}:{_WS_P}{_CANON_BBOX}{_WS_P},{_WS_P}"desc"{_WS_P}:{_WS_P}{_CANON_DESC}{_WS_P}\}}'
+    ),
+}
+# Group numbers (desc, first coord literal) per order; literal j is group first + 2j, its bin first + 2j + 1.
+_CANONICAL_GROUPS = {FieldOrder.DESC_FIRST: (1, 2), FieldOrder.GEOMETRY_FIRST: (9, 1)}
+
+
+def _canonical_verdict(
+    m: re.Match[str], field_order: FieldOrder, literal_bin: LiteralBin | None
+) -> RecordVerdict | None:
+    """The verdict of a record matched by ``_CANONICAL_RECORD[field_order]`` if it is valid, else None."""
+    g_desc, g_lit = _CANONICAL_GROUPS[field_order]
+    desc = m.group(g_desc).strip()
+    if not desc:
+        return None
+    regs = m.regs  # every group's span, read once
+    spans = (regs[g_lit], regs[g_lit + 2], regs[g_lit + 4], regs[g_lit + 6])
+    if literal_bin is None:
+        bins = tuple(int(m.group(g)) for g in range(g_lit + 1, g_lit + 8, 2))
+    else:
+        found = [literal_bin(a, b) for a, b in spans]
+        if None in found:
+            return None
+        bins = tuple(found)  # type: ignore[arg-type]
+    if bins[2] < bins[0] or bins[3] < bins[1]:
+        return None
+    return RecordVerdict(None, "", desc, GeometryKind.BBOX, bins, spans, regs[g_desc])
 
 
 def _skip_junk(text: str, pos: int, n: int) -> int:
@@ -666,6 +758,7 @@ def _scan(
     commas = 0
     array_close = container_end = trailing_junk_at = -1
     truncated = False
+    canonical = _CANONICAL_RECORD.get(field_order) if validate and coord_mode is CoordMode.TOKENS else None
     while True:
         m_ws = _WS_COMMA.match(text, pos, n)
         assert m_ws is not None
@@ -687,6 +780,15 @@ def _scan(
                 trailing_junk_at = pos
             break
         if c == "{":
+            fast = canonical.match(text, pos, n) if canonical is not None else None
+            if fast is not None:
+                verdict = _canonical_verdict(fast, field_order, literal_bin)
+                if verdict is not None:
+                    elements.append(RecordScan(n_records, pos, fast.end(), commas, verdict))
+                    n_records += 1
+                    commas = 0
+                    pos = fast.end()
+                    continue
             end = _record_end(text, pos, n)
             if end < 0:
                 elements.append(RecordScan(n_records, pos, -1, commas, None))
@@ -1020,6 +1122,43 @@ def check_append_ready(
         raise InvariantViolation(f"prefix not append-ready ({'; '.join(problems)}): {prefix_text[-80:]!r}")
 
 
+_COORD_ID_SETS: weakref.WeakKeyDictionary[CoordIdTable, frozenset[int]] = weakref.WeakKeyDictionary()
+_COORD_BINS: weakref.WeakKeyDictionary[CoordIdTable, dict[int, int]] = weakref.WeakKeyDictionary()
+
+
+def _coord_bins(coord_ids: CoordIdTable) -> dict[int, int]:
+    """id -> bin of a coord table (``coord_ids.bin_of`` for int ids), built once per table."""
+    table = _COORD_BINS.get(coord_ids)
+    if table is None:
+        table = _COORD_BINS[coord_ids] = {i: k for k, i in enumerate(coord_ids.ids)}
+    return table
+
+
+def _prefix_is_append_ready(doc: DocumentScan, cut: int, k: int) -> bool:
+    """True when ``doc`` (a scan of some ``text``) shows that ``text[:cut]`` passes :func:`check_append_ready`
+    with ``k`` records: the elements starting before ``cut`` end with the ``k``-th complete record, ending
+    at ``cut`` (with ``k == 0``: no element, and ``cut`` is the opener's end). The array-level walk reads a
+    text left to right and each step stops before ``cut``, so re-scanning ``text[:cut]`` sees exactly those
+    elements (tests/domain/test_stage2_fast_paths.py holds this against the re-scan). False means "not
+    shown", not "not ready": the caller re-scans.
+    """
+    if doc.parse_failed:
+        return False
+    if k == 0:
+        return cut == doc.array_open_end and (not doc.elements or doc.elements[0].start >= cut)
+    n_records = 0
+    last: RecordScan | JunkScan | None = None
+    for e in doc.elements:
+        if e.start >= cut:
+            break
+        if isinstance(e, RecordScan):
+            if e.end < 0:
+                return False
+            n_records += 1
+        last = e
+    return isinstance(last, RecordScan) and last.end == cut and n_records == k
+
+
 def scan_tokens(
     ids: Sequence[int],
     pieces: Sequence[str],
@@ -1044,10 +1183,8 @@ def scan_tokens(
         raise InvariantViolation(
             f"scan_tokens: {n_ids} ids but {len(pieces)} pieces; pass decode([id]) per id"
         )
-    ids = [int(t) for t in ids]
-    starts = [0] * (n_ids + 1)
-    for i, p in enumerate(pieces):
-        starts[i + 1] = starts[i] + len(p)
+    ids = list(map(int, ids))
+    starts = list(itertools.accumulate(map(len, pieces), initial=0))
     full = "".join(pieces)
 
     # Hard stop (§3.2): the first stop text or stop id, whichever comes first.
@@ -1057,18 +1194,25 @@ def scan_tokens(
     if m_stop is not None:
         stop, had_stop = m_stop.start(), True
     if stop_ids:
-        for i, t in enumerate(ids):
-            if t in stop_ids:
-                had_stop = True
-                stop = min(stop, starts[i])
-                break
+        # The first id that is a stop id (``list.index`` per stop id, in C).
+        first = min((ids.index(t) for t in stop_ids if t in ids), default=-1)
+        if first >= 0:
+            had_stop = True
+            stop = min(stop, starts[first])
     text = full[:stop]
 
+    # Chars [a, b) spelled by exactly token i: found once by the token check, read again by token_groups
+    # (whose walk gives (i,) for such a span).
+    single_token: dict[tuple[int, int], int] = {}
+    bisect_right = bisect.bisect_right
+    bin_of = _coord_bins(coord_ids).get  # coord_ids.bin_of on ints, without the method call
+
     def bin_of_literal(a: int, b: int) -> int | None:
-        i = bisect.bisect_right(starts, a) - 1
+        i = bisect_right(starts, a) - 1
         if i < 0 or i >= n_ids or starts[i] != a or starts[i + 1] != b:
             return None
-        return coord_ids.bin_of(ids[i])
+        single_token[a, b] = i
+        return bin_of(ids[i])
 
     literal_bin = bin_of_literal if coord_mode is CoordMode.TOKENS else None
     doc = _scan(text, field_order, coord_mode, literal_bin, cut_at_stop=False)
@@ -1119,13 +1263,21 @@ def scan_tokens(
                 break
             k -= 1
         if not used_fallback_prefix:
-            check_append_ready(prefix_text, k, field_order, coord_mode)
+            # §3.6.4: shown by the scan itself when it can be (the prefix is text[:cut]), else re-scanned.
+            if prefix_text != text[: len(prefix_text)] or not _prefix_is_append_ready(
+                doc, len(prefix_text), k
+            ):
+                check_append_ready(prefix_text, k, field_order, coord_mode)
             checked = (prefix_text, k, field_order, coord_mode)
     in_prefix = {r.index for r in complete[:k]}
 
     def token_groups(spans: tuple[tuple[int, int], ...]) -> tuple[tuple[int, ...], ...]:
         groups: list[tuple[int, ...]] = []
         for a, b in spans:
+            one = single_token.get((a, b))
+            if one is not None:
+                groups.append((one,))
+                continue
             group: list[int] = []
             i = bisect.bisect_right(starts, a) - 1
             while i < n_ids and starts[i] < b:
@@ -1171,24 +1323,29 @@ def scan_tokens(
         if reason is not None:
             drops.append((e.index, reason))
             counts[reason.value] = counts.get(reason.value, 0) + 1
-        groups = token_groups(v.literal_spans) if v.reason is None else ()
+        groups: tuple[tuple[int, ...], ...] = ()
+        if v.reason is None:
+            try:  # every literal one token (the token check found it): no walk
+                groups = tuple([(single_token[span],) for span in v.literal_spans])
+            except KeyError:
+                groups = token_groups(v.literal_spans)
         rec = ScannedRecord(
-            record_index=e.index,
-            char_span=(e.start, e.end),
-            status=RecordStatus.VALID if reason is None else RecordStatus.DROPPED,
-            reason=None if reason is None else reason.value,
-            parse_reason=None if v.reason is None else v.reason.value,
-            desc=v.desc,
-            geom_type=v.kind,
-            bins=v.bins,
-            coord_token_indices=tuple(i for g in groups for i in g),
-            coord_token_groups=groups,
-            desc_value_span=v.desc_value_span,
-            in_prefix=inside,
+            e.index,
+            (e.start, e.end),
+            RecordStatus.VALID if reason is None else RecordStatus.DROPPED,
+            None if reason is None else reason.value,
+            None if v.reason is None else v.reason.value,
+            v.desc,
+            v.kind,
+            v.bins,
+            tuple(itertools.chain.from_iterable(groups)),
+            groups,
+            v.desc_value_span,
+            inside,
         )
         records.append(rec)
         if reason is None:
-            valid.append(v.to_object())
+            valid.append(DetObject(v.desc, v.kind, v.bins))  # type: ignore[arg-type]  # v.to_object(): valid
     return ScanResult(
         prefix_ids=prefix_ids,
         prefix_text=prefix_text,
@@ -1277,10 +1434,13 @@ def append_fn_records(
     if scan.append_ready_checked != (scan.prefix_text, scan.n_prefix_records, field_order, coord_mode):
         check_append_ready(scan.prefix_text, scan.n_prefix_records, field_order, coord_mode)
     fragment, spans = fn_injection_typed(scan.n_prefix_records, missed_objects, field_order, coord_mode)
-    append_ids = tuple(int(t) for t in encode(fragment))
+    append_ids = tuple(map(int, encode(fragment)))
     groups: list[tuple[int, ...]] = []
     if coord_ids is not None and coord_mode is CoordMode.TOKENS:
-        positions = [j for j, t in enumerate(append_ids) if coord_ids.is_coord_id(t)]
+        coord_set = _COORD_ID_SETS.get(coord_ids)  # is_coord_id of each id, one set lookup each
+        if coord_set is None:
+            coord_set = _COORD_ID_SETS[coord_ids] = frozenset(coord_ids.ids)
+        positions = [j for j, t in enumerate(append_ids) if t in coord_set]
         expected = sum(len(o.bins) for o in missed_objects)
         if len(positions) != expected:
             raise InvariantViolation(

@@ -10,14 +10,15 @@ changes supervision.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+import numpy.typing as npt
 
 from domain.codec import MAX_BIN, int_boxes_to_bins, pixels_to_bins
 from domain.errors import ArtifactError, ConfigError, GeometryError
@@ -171,6 +172,25 @@ def _canonical_box(obj: DescribedShape, index: int) -> tuple[int, int, int, int]
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
 
 
+def _canonical_boxes(objects: Sequence[DescribedShape], index: Sequence[int]) -> npt.NDArray[np.int64]:
+    """``[_canonical_box(objects[i], i) for i in index]`` as an ``(n, 4)`` int64 array; when every object there is a :class:`DetObject`
+    (its converter makes the bins ``int``) with 4 bins, all in range, read and canonicalised at once."""
+    n = len(index)
+    if n and all(type(objects[i]) is DetObject and len(objects[i].bins) == 4 for i in index):
+        try:
+            arr = np.fromiter(
+                itertools.chain.from_iterable(objects[i].bins for i in index), dtype=np.int64, count=4 * n
+            ).reshape(n, 4)
+        except OverflowError:
+            arr = None
+        if arr is not None and int(arr.min()) >= 0 and int(arr.max()) <= MAX_BIN:
+            lo = np.minimum(arr[:, :2], arr[:, 2:])
+            hi = np.maximum(arr[:, :2], arr[:, 2:])
+            return np.concatenate([lo, hi], axis=1)
+    boxes = [_canonical_box(objects[i], i) for i in index]
+    return np.fromiter(itertools.chain.from_iterable(boxes), dtype=np.int64, count=4 * n).reshape(n, 4)
+
+
 _OVERLAP_SCAN = 8  # groups up to this size are pre-scanned in Python; larger ones go to numpy directly
 
 
@@ -184,18 +204,43 @@ def _any_overlap(boxes: Sequence[tuple[int, int, int, int]]) -> bool:
     return False
 
 
-def duplicate_stats(
-    objects: Sequence[DescribedShape], iou_threshold: float = DEFAULT_DUPLICATE_IOU_THRESHOLD
-) -> DuplicateStats:
-    """§18.7 for one rollout: duplicate-like pairs, clusters and excess objects of its bbox objects."""
-    _check_threshold(iou_threshold)
-    index = [i for i, o in enumerate(objects) if o.kind is GeometryKind.BBOX]
-    boxes = [_canonical_box(objects[i], i) for i in index]
+_GLOBAL_MATRIX_MAX = 256  # up to this many boxes, one IoU matrix over all of them (masked by desc key)
+
+
+@functools.lru_cache(maxsize=8)
+def _upper(n: int) -> npt.NDArray[np.bool_]:
+    """``np.triu(ones((n, n)), k=1)`` as booleans (read-only, shared)."""
+    mask = np.triu(np.ones((n, n), dtype=np.bool_), k=1)
+    mask.flags.writeable = False
+    return mask
+
+
+def _duplicate_pairs(
+    keys: Sequence[str], box_array: npt.NDArray[np.int64], iou_threshold: float
+) -> list[tuple[int, int]]:
+    """Duplicate-like pairs ``(a, b)``, ``a < b`` (local indices): equal desc keys and box IoU >= the threshold.
+
+    Up to :data:`_GLOBAL_MATRIX_MAX` boxes, one :func:`pairwise_box_iou` matrix over all boxes (each entry
+    equals the per-group matrix's: the same float64 operations per pair); more, one matrix per desc group.
+    """
+    n = len(box_array)
+    if n <= _GLOBAL_MATRIX_MAX:
+        code_of: dict[str, int] = {}
+        codes = np.fromiter((code_of.setdefault(k, len(code_of)) for k in keys), dtype=np.int64, count=n)
+        if len(code_of) == n:  # no two objects share a description
+            return []
+        same = codes[:, None] == codes[None, :]
+        hit = same & _upper(n)
+        if not hit.any():
+            return []
+        hit &= pairwise_box_iou(box_array, box_array) >= iou_threshold
+        first, second = np.nonzero(hit)
+        return list(zip(first.tolist(), second.tolist()))
+    boxes: list[tuple[int, int, int, int]] = [tuple(b) for b in box_array.tolist()]
     groups: dict[str, list[int]] = {}
-    for local, i in enumerate(index):
-        groups.setdefault(duplicate_desc_key(objects[i].desc), []).append(local)
-    rows: list[int] = []
-    cols: list[int] = []
+    for local, key in enumerate(keys):
+        groups.setdefault(key, []).append(local)
+    pairs: list[tuple[int, int]] = []
     for members in groups.values():
         if len(members) < 2 or (
             len(members) <= _OVERLAP_SCAN and not _any_overlap([boxes[m] for m in members])
@@ -203,20 +248,54 @@ def duplicate_stats(
             continue
         iou = pairwise_box_iou([boxes[m] for m in members], [boxes[m] for m in members])
         first, second = np.nonzero(np.triu(iou >= iou_threshold, k=1))
-        rows += [members[a] for a in first.tolist()]
-        cols += [members[b] for b in second.tolist()]
-    n = len(index)
-    if not rows:
-        return DuplicateStats(valid_objects=n, pairs=0, max_cluster_size=1, excess_objects=0, clusters=())
-    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
+        pairs += [(members[a], members[b]) for a, b in zip(first.tolist(), second.tolist())]
+    return pairs
+
+
+def _components(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Connected components (of size >= 2) of the undirected graph on ``0 .. n-1`` with edges ``pairs``:
+    union-find with path halving; each component ascending."""
+    parent = list(range(n))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
     members_of: dict[int, list[int]] = {}
-    for local, label in enumerate(labels.tolist()):
-        members_of.setdefault(label, []).append(index[local])
-    clusters = sorted(tuple(m) for m in members_of.values() if len(m) > 1)
+    for node in sorted({v for pair in pairs for v in pair}):
+        members_of.setdefault(root(node), []).append(node)
+    return [m for m in members_of.values() if len(m) > 1]
+
+
+def duplicate_stats(
+    objects: Sequence[DescribedShape], iou_threshold: float = DEFAULT_DUPLICATE_IOU_THRESHOLD
+) -> DuplicateStats:
+    """§18.7 for one rollout: duplicate-like pairs, clusters and excess objects of its bbox objects."""
+    _check_threshold(iou_threshold)
+    index = [i for i, o in enumerate(objects) if o.kind is GeometryKind.BBOX]
+    boxes = _canonical_boxes(objects, index)
+    key_of: dict[str, str] = {}  # descriptions repeat: each distinct one keyed once
+    keys = []
+    for i in index:
+        desc = objects[i].desc
+        key = key_of.get(desc)
+        if key is None:
+            key = key_of[desc] = duplicate_desc_key(desc)
+        keys.append(key)
+    pairs = _duplicate_pairs(keys, boxes, iou_threshold)
+    n = len(index)
+    if not pairs:
+        return DuplicateStats(valid_objects=n, pairs=0, max_cluster_size=1, excess_objects=0, clusters=())
+    clusters = sorted(tuple(index[local] for local in m) for m in _components(n, pairs))
     return DuplicateStats(
         valid_objects=n,
-        pairs=len(rows),
+        pairs=len(pairs),
         max_cluster_size=max(len(c) for c in clusters),
         excess_objects=sum(len(c) - 1 for c in clusters),
         clusters=tuple(clusters),

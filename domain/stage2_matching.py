@@ -16,6 +16,7 @@ description cost. Inputs are shapes in norm1000 bins: any object with ``kind`` a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from domain.codec import MAX_BIN
 from domain.errors import ConfigError, GeometryError
 from domain.geometry import box_mask_spans, masks_iou, pairwise_box_iou, rasterize_shape, span_mask_iou
-from domain.objects import GeometryKind
+from domain.objects import DetObject, GeometryKind
 
 #: Cost of an infeasible edge (non-candidate or gated pair); an assignment at or above INF / 2 is no match.
 INF = 1e6
@@ -139,6 +140,29 @@ def _checked_aabb(shape: BinShape, where: str) -> tuple[int, int, int, int]:
     return (min(xs), min(ys), max(xs), max(ys))
 
 
+def _aabb_array(shapes: Sequence[BinShape], name: str) -> npt.NDArray[np.int64]:
+    """``[_checked_aabb(s, f"{name}[{i}]") for i, s in enumerate(shapes)]`` as an ``(n, 4)`` int64 array.
+
+    Fast path: every shape a :class:`DetObject` bbox of 4 bins (its converter makes them ``int``), all in
+    range, read in one ``fromiter``; anything else (a bad shape raises there) goes shape by shape.
+    """
+    n = len(shapes)
+    if all(type(s) is DetObject and s.kind is GeometryKind.BBOX and len(s.bins) == 4 for s in shapes):
+        try:
+            arr = np.fromiter(
+                itertools.chain.from_iterable(s.bins for s in shapes), dtype=np.int64, count=4 * n
+            ).reshape(n, 4)
+        except OverflowError:
+            arr = None
+        if arr is not None and (n == 0 or (int(arr.min()) >= 0 and int(arr.max()) <= MAX_BIN)):
+            out = np.empty_like(arr)
+            np.minimum(arr[:, :2], arr[:, 2:], out=out[:, :2])
+            np.maximum(arr[:, :2], arr[:, 2:], out=out[:, 2:])
+            return out
+    boxes = [_checked_aabb(s, f"{name}[{i}]") for i, s in enumerate(shapes)]
+    return np.fromiter(itertools.chain.from_iterable(boxes), dtype=np.int64, count=4 * n).reshape(n, 4)
+
+
 def _canvas_flat(shape: BinShape, aabb: tuple[int, int, int, int]) -> tuple[int, ...]:
     # §3.9 item 8: a bbox's polygon is built from its canonical (min/max) corners.
     return aabb if shape.kind is GeometryKind.BBOX else tuple(int(v) for v in shape.bins)
@@ -155,11 +179,16 @@ def prune_candidates(
     the ``max(1, top_k)`` GTs with the smallest squared centre distance (ties by GT index) instead.
     Boxes are canonical ``(x1, y1, x2, y2)`` with ``x1 <= x2``, ``y1 <= y2``.
     """
-    k = max(1, top_k)
-    if not gt_boxes:
+    if not len(gt_boxes):
         return tuple(() for _ in pred_boxes)
-    if not pred_boxes:
+    if not len(pred_boxes):
         return ()
+    return tuple(tuple(row) for row in _candidate_order(pred_boxes, gt_boxes, top_k).tolist())
+
+
+def _candidate_order(pred_boxes: npt.ArrayLike, gt_boxes: npt.ArrayLike, top_k: int) -> npt.NDArray[np.intp]:
+    """:func:`prune_candidates` as a ``(P, min(k, G))`` array (both sides non-empty)."""
+    k = max(1, top_k)
     iou = pairwise_box_iou(pred_boxes, gt_boxes)
     p = np.asarray(pred_boxes, dtype=np.int64).reshape(-1, 4)
     g = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
@@ -169,8 +198,8 @@ def prune_candidates(
     d2 = (dx * dx + dy * dy).astype(np.float64)
     key = np.where((iou.max(axis=1) > 0.0)[:, None], -iou, d2)
     # A stable sort keeps equal keys in GT index order.
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]
-    return tuple(tuple(row) for row in order.tolist())
+    order: npt.NDArray[np.intp] = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return order
 
 
 def candidate_cost_matrix(
@@ -178,35 +207,42 @@ def candidate_cost_matrix(
 ) -> tuple[npt.NDArray[np.float64], int, int]:
     """§6 steps 2-5: the P x G cost matrix (``1 - maskIoU`` on gated candidates, INF elsewhere),
     the number of gating rejections and the number of evaluated candidate pairs."""
-    pred_boxes = [_checked_aabb(s, f"preds[{i}]") for i, s in enumerate(preds)]
-    gt_boxes = [_checked_aabb(s, f"gts[{j}]") for j, s in enumerate(gts)]
+    pred_boxes = _aabb_array(preds, "preds")
+    gt_boxes = _aabb_array(gts, "gts")
     cost = np.full((len(preds), len(gts)), INF, dtype=np.float64)
     if not preds or not gts:
         return cost, 0, 0
     resolution = settings.maskiou_resolution
-    cands = prune_candidates(pred_boxes, gt_boxes, settings.candidate_top_k)
-    rows = np.fromiter((i for i, c in enumerate(cands) for _ in c), dtype=np.int64)
-    cols = np.fromiter((j for c in cands for j in c), dtype=np.int64)
+    # prune_candidates in array form: row i's candidates in preference order, rows in order.
+    order = _candidate_order(pred_boxes, gt_boxes, settings.candidate_top_k)
+    rows = np.repeat(np.arange(order.shape[0], dtype=np.int64), order.shape[1])
+    cols = order.reshape(-1).astype(np.int64)
     iou = np.zeros(rows.shape, dtype=np.float64)
     pred_bbox = np.fromiter((s.kind is GeometryKind.BBOX for s in preds), dtype=np.bool_, count=len(preds))
     gt_bbox = np.fromiter((s.kind is GeometryKind.BBOX for s in gts), dtype=np.bool_, count=len(gts))
     both_bbox = pred_bbox[rows] & gt_bbox[cols]
     if both_bbox.any():
-        # bbox vs bbox: the rasterised masks are pixel rectangles in closed form (equal to the raster path).
-        pred_spans = box_mask_spans(pred_boxes, resolution)
-        gt_spans = box_mask_spans(gt_boxes, resolution)
-        iou[both_bbox] = span_mask_iou(pred_spans[rows[both_bbox]], gt_spans[cols[both_bbox]])
+        # bbox vs bbox: the rasterised masks are pixel rectangles in closed form (equal to the raster path);
+        # box_mask_spans works row by row, so one call on both sides' boxes gives each side's rows.
+        spans = box_mask_spans(np.concatenate([pred_boxes, gt_boxes]), resolution)
+        pred_spans, gt_spans = spans[: len(preds)], spans[len(preds) :]
+        if both_bbox.all():
+            iou = span_mask_iou(pred_spans[rows], gt_spans[cols])
+        else:
+            iou[both_bbox] = span_mask_iou(pred_spans[rows[both_bbox]], gt_spans[cols[both_bbox]])
     if not both_bbox.all():
         pred_masks: dict[int, npt.NDArray[np.bool_] | None] = {}  # rasterised once, only when needed
         gt_masks: dict[int, npt.NDArray[np.bool_] | None] = {}
+        pred_list = [tuple(b) for b in pred_boxes.tolist()]
+        gt_list = [tuple(b) for b in gt_boxes.tolist()]
         for n in np.flatnonzero(~both_bbox).tolist():
             i, j = int(rows[n]), int(cols[n])
             if i not in pred_masks:
                 pred_masks[i] = rasterize_shape(
-                    _canvas_flat(preds[i], pred_boxes[i]), preds[i].kind, resolution
+                    _canvas_flat(preds[i], pred_list[i]), preds[i].kind, resolution
                 )
             if j not in gt_masks:
-                gt_masks[j] = rasterize_shape(_canvas_flat(gts[j], gt_boxes[j]), gts[j].kind, resolution)
+                gt_masks[j] = rasterize_shape(_canvas_flat(gts[j], gt_list[j]), gts[j].kind, resolution)
             iou[n] = masks_iou(pred_masks[i], gt_masks[j])
     accepted = iou >= settings.maskiou_gate
     cost[rows[accepted], cols[accepted]] = 1.0 - iou[accepted]
@@ -235,12 +271,15 @@ def match_predictions(
     square[:n_pred, n_gt:] = float(settings.fp_cost)
     square[n_pred:, :n_gt] = float(settings.fn_cost)
     rows, cols = linear_sum_assignment(square)
-    matched: list[tuple[int, int]] = []
+    # Assigned real pairs below INF / 2, in row order (the solver's rows ascend), as the per-pair loop took them.
+    real = (rows < n_pred) & (cols < n_gt)
+    r_real, c_real = rows[real], cols[real]
+    c_cost = cost[r_real, c_real]
+    ok = c_cost < INF / 2
+    matched = list(zip(r_real[ok].tolist(), c_real[ok].tolist()))
     iou_sum = 0.0
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        if r < n_pred and c < n_gt and cost[r, c] < INF / 2:
-            matched.append((r, c))
-            iou_sum += 1.0 - float(cost[r, c])
+    for value in (1.0 - c_cost[ok]).tolist():  # summed one by one, in that order
+        iou_sum += value
     matched.sort()
     matched_preds = {p for p, _ in matched}
     matched_gts = {g for _, g in matched}

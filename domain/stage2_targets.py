@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
+import itertools
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -276,7 +279,9 @@ class ChannelBTargets:
     append_ids: tuple[int, ...]
     terminator_id: int
     mask: MaskPlan
-    prefix_groups: tuple[CoordGroup, ...]
+    # (assistant-local coord token indices, gt index, target bins, kind) of each prefix group, in pair order;
+    # ``prefix_groups`` builds the CoordGroups from them on first use.
+    _prefix_specs: tuple[_PrefixSpec, ...] = attrs.field(alias="prefix_specs", repr=False)
     fn_groups: tuple[CoordGroup, ...]
     tail_desc_pos: tuple[int, ...]
     counters: ChannelBCounters
@@ -296,9 +301,50 @@ class ChannelBTargets:
     def train_len(self) -> int:
         return len(self.prefix_ids) + len(self.append_ids) + 1
 
+    @functools.cached_property
+    def prefix_groups(self) -> tuple[CoordGroup, ...]:
+        """One group per matched-for-supervision pair (§7.1), in pair order: absolute positions, target bins."""
+        return _prefix_groups(self._prefix_specs, self.prompt_len)
+
     @property
     def groups(self) -> tuple[CoordGroup, ...]:
         return self.prefix_groups + self.fn_groups
+
+
+_PrefixSpec = tuple[tuple[int, ...], int, tuple[int, ...], GeometryKind]
+
+
+def _prefix_groups(specs: Sequence[_PrefixSpec], prompt_len: int) -> tuple[CoordGroup, ...]:
+    return tuple(
+        CoordGroup(
+            positions=tuple(map(prompt_len.__add__, idx)),
+            target_bins=tuple(map(int, target)),
+            kind=kind,
+            gt_index=g,
+            source=GroupSource.PREFIX,
+        )
+        for idx, g, target, kind in specs
+    )
+
+
+# Per-table numpy lookup: bin of each id up to the table's largest id, -1 elsewhere (built once per table).
+_BIN_LOOKUP: weakref.WeakKeyDictionary[CoordIdTable, npt.NDArray[np.int64]] = weakref.WeakKeyDictionary()
+
+
+def _bins_of_ids(coord_ids: CoordIdTable, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """``coord_ids.bin_of`` of every id, -1 for a non-coord id (any int64, negative ones included)."""
+    table = _BIN_LOOKUP.get(coord_ids)
+    if table is None:
+        table = np.full(coord_ids.max_id + 1, -1, dtype=np.int64)
+        table[np.asarray(coord_ids.ids, dtype=np.int64)] = np.arange(len(coord_ids.ids), dtype=np.int64)
+        _BIN_LOOKUP[coord_ids] = table
+    inside = (ids >= 0) & (ids < table.shape[0])
+    out: npt.NDArray[np.int64] = np.where(inside, table[np.where(inside, ids, 0)], -1)
+    return out
+
+
+def _int_array(values: Sequence[int]) -> npt.NDArray[np.int64]:
+    return np.fromiter(values, dtype=np.int64, count=len(values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,6 +355,8 @@ class ChannelBTargets:
 def check_gt_objects(gts: Sequence[DetObject], variant: Stage2Variant, sample: SampleRef) -> None:
     """§5: GT contract errors (file, line and dotted field). Stage-2 AB is bbox-only v1 and needs >= 1 object."""
     variant = Stage2Variant(variant)
+    if gts and _gt_boxes_pass(gts):
+        return
     problems: list[DataProblem] = []
 
     def bad(field: str, reason: str) -> None:
@@ -336,6 +384,22 @@ def check_gt_objects(gts: Sequence[DetObject], variant: Stage2Variant, sample: S
             bad(key, f"invalid poly: needs an even number >= 6 of bins, got {len(bins)}")
     if problems:
         raise DataContractError(problems)
+
+
+def _gt_boxes_pass(gts: Sequence[DetObject]) -> bool:
+    """True when every GT is a :class:`DetObject` bbox of 4 bins in range with ``x2 >= x1``, ``y2 >= y1``:
+    then :func:`check_gt_objects` finds no problem under either variant (checked at once with numpy)."""
+    n = len(gts)
+    if not all(type(o) is DetObject and o.kind is GeometryKind.BBOX and len(o.bins) == 4 for o in gts):
+        return False
+    try:
+        b = np.fromiter(itertools.chain.from_iterable(o.bins for o in gts), dtype=np.int64, count=4 * n)
+    except OverflowError:
+        return False
+    b = b.reshape(n, 4)
+    return bool(
+        b.min() >= 0 and b.max() <= MAX_BIN and np.all(b[:, 2] >= b[:, 0]) and np.all(b[:, 3] >= b[:, 1])
+    )
 
 
 def check_prompt_ids(
@@ -385,11 +449,10 @@ def scan_rollout(
     field_order: FieldOrder,
 ) -> ScanResult:
     """The token-aligned scan of one rollout (D2c); ``pieces`` default to one ``piece`` per id."""
-    ids = [int(t) for t in response_ids]
     if pieces is None:
-        pieces = _pieces(ids, tokenizer)
-    return scan_tokens(
-        ids,
+        pieces = _pieces(list(map(int, response_ids)), tokenizer)
+    return scan_tokens(  # it reads the ids as ints
+        response_ids,
         pieces,
         tokenizer.encode,
         tokenizer.coord_ids,
@@ -407,6 +470,16 @@ def match_inputs(scan: ScanResult, variant: Stage2Variant) -> tuple[ScannedRecor
     """
     keep_poly = Stage2Variant(variant) is Stage2Variant.ROLLOUT_MATCHING_SFT
     return tuple(r for r in scan.records if r.is_valid and (keep_poly or r.geom_type is GeometryKind.BBOX))
+
+
+def _pred_objects(scan: ScanResult, variant: Stage2Variant) -> list[DetObject]:
+    """``[r.to_object() for r in match_inputs(scan, variant)]``, reusing the scan's ``valid_objects``
+    (one per valid record, in order) instead of building the objects again."""
+    valid = [r for r in scan.records if r.is_valid]
+    if len(valid) != len(scan.valid_objects):
+        return [r.to_object() for r in match_inputs(scan, variant)]
+    keep_poly = Stage2Variant(variant) is Stage2Variant.ROLLOUT_MATCHING_SFT
+    return [o for r, o in zip(valid, scan.valid_objects) if keep_poly or r.geom_type is GeometryKind.BBOX]
 
 
 def _drop_reasons(scan: ScanResult, n_poly_unsupported: int) -> dict[str, int]:
@@ -427,7 +500,7 @@ def _drop_reasons(scan: ScanResult, n_poly_unsupported: int) -> dict[str, int]:
 def _matched_target(pred: ScannedRecord, gt: DetObject, settings: TargetSettings) -> tuple[int, ...] | None:
     """Target bins for a matched prediction's coord tokens, or None (``excluded_from_supervision``)."""
     n = len(pred.coord_token_indices)
-    if n != len(pred.bins) or any(len(g) != 1 for g in pred.coord_token_groups):
+    if n != len(pred.bins) or not all(map((1).__eq__, map(len, pred.coord_token_groups))):
         return None
     if pred.geom_type is GeometryKind.BBOX and gt.kind is GeometryKind.BBOX:
         return gt.bins if n == 4 else None
@@ -448,10 +521,7 @@ def _tail_offsets(append_ids: Sequence[int], fragment: str, tokenizer: Stage2Tok
     """
     pieces = _pieces(append_ids, tokenizer)
     if "".join(pieces) == fragment:
-        out = [0]
-        for p in pieces:
-            out.append(out[-1] + len(p))
-        return out
+        return list(itertools.accumulate(map(len, pieces), initial=0))
     out = []
     for k in range(len(append_ids)):
         text = tokenizer.decode(append_ids[:k])
@@ -473,6 +543,53 @@ def _overlaps(starts: Sequence[int], a: int, b: int) -> range:
     return range(lo, min(hi, n))
 
 
+def _overlap_ranges(
+    starts: npt.NDArray[np.int64], n: int, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """:func:`_overlaps` of every span ``[a[s], b[s])`` at once: token ranges ``[lo, stop)`` (empty when ``stop <= lo``)."""
+    lo = np.maximum(np.searchsorted(starts, a, side="right") - 1, 0)
+    hi = np.maximum(np.searchsorted(starts, b, side="left"), lo)
+    return lo, np.minimum(hi, n)
+
+
+def _paint_levels(
+    starts: npt.NDArray[np.int64], n: int, layers: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> npt.NDArray[np.int8]:
+    """Level ``L + 1`` on every token overlapping a span of ``layers[L]`` (span starts, span ends), a later
+    layer over an earlier one; 0 elsewhere. Equal to painting each span's ``_overlaps`` in turn
+    (tests/domain/test_stage2_fast_paths.py). All spans at once: one coverage count per layer from a
+    difference array (+1 at each token range's start, -1 at its stop), the highest covering layer wins."""
+    n_layers = len(layers)
+    a = [x for spans_a, _ in layers for x in spans_a]
+    if not a or not n:
+        return np.zeros(n, dtype=np.int8)
+    b = [x for _, spans_b in layers for x in spans_b]
+    layer = np.repeat(np.arange(n_layers, dtype=np.int64), [len(spans_a) for spans_a, _ in layers])
+    lo, stop = _overlap_ranges(starts, n, _int_array(a), _int_array(b))
+    keep = stop > lo
+    width = n + 1
+    base = layer[keep] * width
+    size = n_layers * width
+    diff = np.bincount(base + lo[keep], minlength=size) - np.bincount(base + stop[keep], minlength=size)
+    covered = np.cumsum(diff.reshape(n_layers, width)[:, :n], axis=1) > 0
+    level: npt.NDArray[np.int8] = (covered * np.arange(1, n_layers + 1, dtype=np.int8)[:, None]).max(axis=0)
+    return level.astype(np.int8, copy=False)
+
+
+# Prefix classes by level: context, then the §9 layers in increasing priority (the coord layer last).
+_PREFIX_LEVEL_CLASS = np.asarray(
+    [
+        MaskClass.PREFIX_CONTEXT,
+        MaskClass.DROPPED,
+        MaskClass.FP,
+        MaskClass.MATCHED_STRUCTURE,
+        MaskClass.MATCHED_DESC,
+        MaskClass.MATCHED_COORD,
+    ],
+    dtype=np.int8,
+)
+
+
 def _classify_prefix(
     scan: ScanResult,
     matched: Mapping[int, ScannedRecord],
@@ -480,26 +597,21 @@ def _classify_prefix(
 ) -> I8:
     """§7.1 / §9 / §3.9.7 on the final prefix: matched > FP > dropped > context; inside matched,
     a coord id of a matched record is COORD, a token overlapping a matched desc value is DESC."""
-    starts = scan.prefix_offsets
-    classes = np.full(len(scan.prefix_ids), int(MaskClass.PREFIX_CONTEXT), dtype=np.int8)
-
-    def paint(spans: Sequence[tuple[int, int] | None], cls: MaskClass) -> None:
-        for span in spans:
-            if span is not None:
-                touched = _overlaps(starts, span[0], span[1])
-                classes[touched.start : touched.stop] = int(cls)
-
+    n = len(scan.prefix_ids)
+    starts = _int_array(scan.prefix_offsets)
     # Lowest priority first, so a token touching several records ends with the highest class.
     # Dropped: every prefix record that is not a prediction (scanner drops and AB's poly_unsupported).
     preds = {r.record_index for r in unmatched_valid} | set(matched)
-    paint(
-        [r.char_span for r in scan.records if r.in_prefix and r.record_index not in preds], MaskClass.DROPPED
-    )
-    paint([r.char_span for r in unmatched_valid], MaskClass.FP)
-    paint([r.char_span for r in matched.values()], MaskClass.MATCHED_STRUCTURE)
-    paint([r.desc_value_span for r in matched.values()], MaskClass.MATCHED_DESC)
-    for r in matched.values():
-        classes[list(r.coord_token_indices)] = int(MaskClass.MATCHED_COORD)
+    dropped = [r.char_span for r in scan.records if r.in_prefix and r.record_index not in preds]
+    fp = [r.char_span for r in unmatched_valid]
+    structure = [r.char_span for r in matched.values()]
+    desc = [r.desc_value_span for r in matched.values() if r.desc_value_span is not None]
+    layers = [([x[0] for x in spans], [x[1] for x in spans]) for spans in (dropped, fp, structure, desc)]
+    level = _paint_levels(starts, n, layers)
+    coord = list(itertools.chain.from_iterable(r.coord_token_indices for r in matched.values()))
+    if coord:
+        level[coord] = len(layers) + 1
+    classes: I8 = _PREFIX_LEVEL_CLASS[level]
     return classes
 
 
@@ -510,25 +622,24 @@ def _classify_tail(
 
     A token whose char span is empty (part of a split multi-byte character) touches the char at its start.
     """
-    n = len(inj.append_ids)
     size = len(inj.fragment_text)
     in_desc = np.zeros(size + 1, dtype=np.int64)
     for span in inj.spans:
         if span.cls is TokenClass.DESC:
             in_desc[span.start + 1 : span.end + 1] += 1
     cum = np.cumsum(np.minimum(in_desc, 1))  # cum[c] = desc chars among [0, c)
-    classes = np.full(n, int(MaskClass.TAIL_STRUCTURE), dtype=np.int8)
-    desc: list[int] = []
-    for i, t in enumerate(inj.append_ids):
-        if coord_ids.is_coord_id(t):
-            classes[i] = int(MaskClass.TAIL_COORD)
-            continue
-        a = offsets[i]
-        b = min(size, max(offsets[i + 1], a + 1))
-        if a < b and cum[b] - cum[a] > 0:
-            classes[i] = int(MaskClass.TAIL_DESC)
-            desc.append(i)
-    return classes, tuple(desc)
+    coord = _bins_of_ids(coord_ids, _int_array(inj.append_ids)) >= 0
+    offs = _int_array(offsets)
+    a = offs[:-1]
+    b = np.minimum(size, np.maximum(offs[1:], a + 1))
+    ok = a < b
+    touched = np.zeros(a.shape, dtype=np.bool_)
+    touched[ok] = cum[b[ok]] - cum[a[ok]] > 0
+    desc = touched & ~coord
+    classes: I8 = np.full(len(inj.append_ids), int(MaskClass.TAIL_STRUCTURE), dtype=np.int8)
+    classes[coord] = int(MaskClass.TAIL_COORD)
+    classes[desc] = int(MaskClass.TAIL_DESC)
+    return classes, tuple(np.flatnonzero(desc).tolist())
 
 
 def _check_closure(
@@ -593,7 +704,7 @@ def construct_targets(
     seen_g: set[int] = set()
     matched_records: dict[int, ScannedRecord] = {}
     matched_pairs: list[tuple[int, int]] = []
-    prefix_groups: list[CoordGroup] = []
+    prefix_specs: list[_PrefixSpec] = []
     n_excluded = 0
     prefix_len = len(scan.prefix_ids)
     for p, g in sorted(match.matched_pairs):
@@ -605,23 +716,28 @@ def construct_targets(
         seen_p.add(p)
         seen_g.add(g)
         rec = preds[p]
-        target = _matched_target(rec, gts[g], settings)
+        gt = gts[g]
+        idx = rec.coord_token_indices
+        tg = rec.coord_token_groups
+        if (
+            rec.geom_type is GeometryKind.BBOX
+            and gt.kind is GeometryKind.BBOX
+            and len(idx) == 4
+            and len(rec.bins) == 4
+            and len(tg) == 4
+            and len(tg[0]) == len(tg[1]) == len(tg[2]) == len(tg[3]) == 1
+        ):  # _matched_target's bbox case, inline: four one-token literals -> the GT's bins
+            target: tuple[int, ...] | None = gt.bins
+        else:
+            target = _matched_target(rec, gt, settings)
         if target is None:
             n_excluded += 1
             continue
-        if not rec.in_prefix or any(i >= prefix_len for i in rec.coord_token_indices):
+        if not rec.in_prefix or (idx and max(idx) >= prefix_len):
             raise InvariantViolation(f"{sample}: matched record {rec.record_index} is not inside the prefix")
         matched_records[rec.record_index] = rec
         matched_pairs.append((p, g))
-        prefix_groups.append(
-            CoordGroup(
-                positions=tuple(prompt_len + i for i in rec.coord_token_indices),
-                target_bins=tuple(int(k) for k in target),
-                kind=rec.geom_type or GeometryKind.BBOX,
-                gt_index=g,
-                source=GroupSource.PREFIX,
-            )
-        )
+        prefix_specs.append((idx, g, target, rec.geom_type or GeometryKind.BBOX))
     supervised_gt = {g for _, g in matched_pairs}
     fn_idx = tuple(j for j in range(len(gts)) if j not in supervised_gt)
     fn_objects = [gts[j] for j in fn_idx]
@@ -649,10 +765,9 @@ def construct_targets(
     )
 
     # FN groups (§7.2.6) with the §8.3 checks.
-    y_train = tuple(scan.prefix_ids) + inj.append_ids
     fn_groups = tuple(
         CoordGroup(
-            positions=tuple(prompt_len + prefix_len + i for i in rel),
+            positions=tuple(map((prompt_len + prefix_len).__add__, rel)),
             target_bins=obj.bins,
             kind=obj.kind,
             gt_index=j,
@@ -660,7 +775,12 @@ def construct_targets(
         )
         for rel, obj, j in zip(inj.fn_coord_groups, fn_objects, fn_idx)
     )
-    _check_groups(prefix_groups, fn_groups, y_train, prompt_len, prefix_len, coord_ids, sample)
+    if not _spec_groups_pass(
+        prefix_specs, inj.fn_coord_groups, fn_objects, scan.prefix_ids, inj.append_ids, coord_ids
+    ):
+        y_train = tuple(scan.prefix_ids) + inj.append_ids
+        prefix_groups = _prefix_groups(prefix_specs, prompt_len)
+        _check_groups(prefix_groups, fn_groups, y_train, prompt_len, prefix_len, coord_ids, sample)
 
     drops = _drop_reasons(scan, n_poly_unsupported)
     n_drop = sum(drops.values())
@@ -682,8 +802,8 @@ def construct_targets(
         candidate_pairs=int(match.candidate_pairs),
         matched_maskiou_sum=float(match.matched_maskiou_sum),
         matched_maskiou_count=int(match.matched_maskiou_count),
-        prefix_coord_targets=sum(len(gr.positions) for gr in prefix_groups),
-        duplicates=duplicate_stats([r.to_object() for r in preds], settings.duplicate_iou_threshold),
+        prefix_coord_targets=sum(len(spec[0]) for spec in prefix_specs),
+        duplicates=duplicate_stats(_pred_objects(scan, settings.variant), settings.duplicate_iou_threshold),
     )
     return ChannelBTargets(
         sample=sample,
@@ -693,7 +813,7 @@ def construct_targets(
         append_ids=inj.append_ids,
         terminator_id=int(tokenizer.im_end_id),
         mask=MaskPlan(prompt_len, prefix_len, classes, weights),
-        prefix_groups=tuple(prefix_groups),
+        prefix_specs=tuple(prefix_specs),
         fn_groups=fn_groups,
         tail_desc_pos=tail_desc,
         counters=counters,
@@ -704,6 +824,93 @@ def construct_targets(
 
 
 def _check_groups(
+    prefix_groups: Sequence[CoordGroup],
+    fn_groups: Sequence[CoordGroup],
+    y_train: Sequence[int],
+    prompt_len: int,
+    prefix_len: int,
+    coord_ids: CoordIdTable,
+    sample: SampleRef,
+) -> None:
+    """§8.3 (:func:`_check_groups_loop`'s rule) on all positions at once; on any failure the loop runs,
+    raising its error for the first failing group and position."""
+    if _groups_pass(prefix_groups, fn_groups, y_train, prompt_len, prefix_len, coord_ids):
+        return
+    _check_groups_loop(prefix_groups, fn_groups, y_train, prompt_len, prefix_len, coord_ids, sample)
+
+
+def _spec_groups_pass(
+    prefix_specs: Sequence[_PrefixSpec],
+    fn_rel: Sequence[Sequence[int]],
+    fn_objects: Sequence[DetObject],
+    prefix_ids: Sequence[int],
+    append_ids: Sequence[int],
+    coord_ids: CoordIdTable,
+) -> bool:
+    """True iff :func:`_check_groups` passes on the groups construct_targets builds from these: prefix
+    group ``(idx, g, target, kind)`` at assistant-local ``idx``, FN group ``k`` at ``prefix_len + fn_rel[k]``
+    with targets ``fn_objects[k].bins`` (so any ``prompt_len``). All positions checked at once."""
+    prefix_len = len(prefix_ids)
+    if any(len(idx) != len(target) for idx, _, target, _ in prefix_specs) or any(
+        len(rel) != len(obj.bins) for rel, obj in zip(fn_rel, fn_objects)
+    ):
+        return False
+    pre = [i for spec in prefix_specs for i in spec[0]]
+    if pre and (min(pre) < 0 or max(pre) >= prefix_len):
+        return False
+    tail = [i for rel in fn_rel for i in rel]
+    if tail and (
+        min(tail) < 0 or max(tail) >= len(append_ids)
+    ):  # past the tail: not a coord id (or IndexError)
+        return False
+    ids = _int_array([prefix_ids[i] for i in pre] + [append_ids[i] for i in tail])
+    bins = _bins_of_ids(coord_ids, ids)
+    if bool(np.any(bins < 0)):
+        return False
+    want = [k for obj in fn_objects[: len(fn_rel)] for k in obj.bins]
+    return bool(bins[len(pre) :].tolist() == want)
+
+
+def _groups_pass(
+    prefix_groups: Sequence[CoordGroup],
+    fn_groups: Sequence[CoordGroup],
+    y_train: Sequence[int],
+    prompt_len: int,
+    prefix_len: int,
+    coord_ids: CoordIdTable,
+) -> bool:
+    """True iff :func:`_check_groups_loop` passes (every group: as many positions as targets, each position
+    in its section and holding a coord id; an FN position's bin equals its target)."""
+    groups = [*prefix_groups, *fn_groups]
+    if any(len(gr.positions) != len(gr.target_bins) for gr in groups):
+        return False
+    n_prefix = sum(len(gr.positions) for gr in prefix_groups)
+    pos = np.fromiter(itertools.chain.from_iterable(gr.positions for gr in groups), dtype=np.int64)
+    train_end = prompt_len + len(y_train) + 1
+    lo = np.full(pos.shape, prompt_len + prefix_len, dtype=np.int64)
+    hi = np.full(pos.shape, train_end, dtype=np.int64)
+    lo[:n_prefix] = prompt_len
+    hi[:n_prefix] = prompt_len + prefix_len
+    if not bool(np.all((lo <= pos) & (pos < hi))):
+        return False
+    rel = pos - prompt_len
+    if rel.size and int(rel.max()) >= len(y_train):  # the terminator's slot holds no coord id
+        return False
+    ids = _int_array([y_train[i] for i in rel.tolist()])
+    bins = _bins_of_ids(coord_ids, ids)
+    if bool(np.any(bins < 0)):
+        return False
+    fn = [i for i, gr in enumerate(groups) if gr.source is GroupSource.FN]
+    if not fn:
+        return True
+    at = np.cumsum([0, *(len(gr.positions) for gr in groups)]).tolist()
+    for i in fn:  # FN groups are few (the missed GTs); one comparison each
+        if bins[at[i] : at[i + 1]].tolist() != list(groups[i].target_bins):
+            return False
+    return True
+
+
+def _check_groups_loop(
     prefix_groups: Sequence[CoordGroup],
     fn_groups: Sequence[CoordGroup],
     y_train: Sequence[int],
@@ -781,6 +988,5 @@ def build_channel_b_targets(
     except InvariantViolation as exc:  # the scanner's own post-condition (§3.6.4)
         raise InvariantViolation(f"{sample}: {exc}") from exc
     if match is None:
-        preds = [r.to_object() for r in match_inputs(scan, settings.variant)]
-        match = match_predictions(preds, gts, settings.matching)
+        match = match_predictions(_pred_objects(scan, settings.variant), gts, settings.matching)
     return construct_targets(scan, gts, match, prompt_len, settings, tokenizer, sample)

@@ -8,11 +8,12 @@ from hypothesis import strategies as st
 
 from domain.codec import bins_to_pixels
 from domain.duplicates import (
-    objects_in_bins_batch,
     DEFAULT_DUPLICATE_IOU_THRESHOLD,
+    DuplicateStats,
     duplicate_desc_key,
     duplicate_stats,
     objects_in_bins,
+    objects_in_bins_batch,
     summarize_duplicates,
 )
 from domain.errors import ConfigError, GeometryError
@@ -256,3 +257,82 @@ def test_the_batch_conversion_rounds_ties_to_even_like_the_codec() -> None:
     (batch,) = objects_in_bins_batch([(boxes, 1999, 1999)])
     assert batch == objects_in_bins(boxes, 1999, 1999)
     assert [o.bins[0] for o in batch] == [round(v / 2) for v in range(1, 41, 2)]  # Python rounds half to even
+
+
+# --- The fast monitor (one masked IoU matrix, union-find) held equal to the monitor as first written. ---
+
+
+def _duplicate_stats_reference(objects: list[DetObject], iou_threshold: float) -> DuplicateStats:
+    """Per-group IoU matrices and scipy's connected components (the pre-optimisation monitor)."""
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from domain.geometry import pairwise_box_iou
+
+    index = [i for i, o in enumerate(objects) if o.kind is BBOX]
+    boxes = [canon(objects[i]) for i in index]
+    groups: dict[str, list[int]] = {}
+    for local, i in enumerate(index):
+        groups.setdefault(duplicate_desc_key(objects[i].desc), []).append(local)
+    rows: list[int] = []
+    cols: list[int] = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        iou = pairwise_box_iou([boxes[m] for m in members], [boxes[m] for m in members])
+        first, second = np.nonzero(np.triu(iou >= iou_threshold, k=1))
+        rows += [members[a] for a in first.tolist()]
+        cols += [members[b] for b in second.tolist()]
+    n = len(index)
+    if not rows:
+        return DuplicateStats(valid_objects=n, pairs=0, max_cluster_size=1, excess_objects=0, clusters=())
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    members_of: dict[int, list[int]] = {}
+    for local, label in enumerate(labels.tolist()):
+        members_of.setdefault(label, []).append(index[local])
+    clusters = sorted(tuple(m) for m in members_of.values() if len(m) > 1)
+    return DuplicateStats(
+        valid_objects=n,
+        pairs=len(rows),
+        max_cluster_size=max(len(c) for c in clusters),
+        excess_objects=sum(len(c) - 1 for c in clusters),
+        clusters=tuple(clusters),
+    )
+
+
+fine_grid = st.integers(0, 999)
+
+
+@st.composite
+def jittered_objects(draw: st.DrawFn) -> list[DetObject]:
+    """A rollout-like list: boxes, some copied with a small jitter (chains), some polygons."""
+    out: list[DetObject] = []
+    for _ in range(draw(st.integers(0, 40))):
+        if out and draw(st.booleans()):
+            base = draw(st.sampled_from(out))
+            if base.kind is BBOX:
+                d = draw(st.integers(-30, 30))
+                x1, y1, x2, y2 = base.bins
+                out.append(obj(draw(descs), min(999, max(0, x1 + d)), y1, x2, min(999, max(0, y2 - d))))
+                continue
+        if draw(st.integers(0, 7)) == 0:
+            out.append(DetObject(draw(descs), POLY, tuple(draw(fine_grid) for _ in range(6))))
+        else:
+            out.append(obj(draw(descs), *(draw(fine_grid) for _ in range(4))))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(objs=jittered_objects(), thr=st.sampled_from([0.05, 0.3, 0.5, 0.7, 0.9, 1.0]), small=st.booleans())
+def test_fast_monitor_equals_the_reference(objs: list[DetObject], thr: float, small: bool) -> None:
+    import domain.duplicates as dup
+
+    # ``small`` sends every list through the per-group path (the one for many objects).
+    saved = dup._GLOBAL_MATRIX_MAX
+    dup._GLOBAL_MATRIX_MAX = 3 if small else saved
+    try:
+        assert duplicate_stats(objs, thr) == _duplicate_stats_reference(objs, thr)
+    finally:
+        dup._GLOBAL_MATRIX_MAX = saved
