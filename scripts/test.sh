@@ -6,8 +6,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 USE_HF=1 TOKENIZERS_PARALLELISM=f
 BIN=.venv/bin
 echo "== lint-imports"
 "$BIN/lint-imports"
-echo "== mypy --strict domain ports"
-"$BIN/mypy" --strict domain ports
+echo "== mypy --strict domain ports application"
+"$BIN/mypy" --strict domain ports application
 echo "== pytest"
 set +e
 "$BIN/python" -m pytest "$@"

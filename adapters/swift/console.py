@@ -10,11 +10,15 @@ import logging
 from pathlib import Path
 
 SWIFT_LOG_FILENAME = "swift.log"
+_OURS = "_coordexp_run_log"  # marks the file handler this module installed
 
 
 def route_swift_logs(log_file: Path | None) -> None:
     """Raise the console threshold of ms-swift's logger to ERROR and, when ``log_file`` is given, write
-    everything it logs at INFO and above there (appended, so a resumed run keeps the earlier lines)."""
+    everything it logs at INFO and above there (appended, so a resumed run keeps the earlier lines).
+
+    One run log at a time: routing to another file closes the handler of the previous run (a process that
+    trains twice writes each run's lines to its own ``swift.log``)."""
     from swift.utils import get_logger
 
     logger = get_logger()
@@ -24,10 +28,15 @@ def route_swift_logs(log_file: Path | None) -> None:
     if log_file is None:
         return
     target = str(Path(log_file).absolute())
-    if any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
-        return
+    for handler in list(logger.handlers):
+        if getattr(handler, _OURS, False) and isinstance(handler, logging.FileHandler):
+            if handler.baseFilename == target:
+                return
+            logger.removeHandler(handler)
+            handler.close()
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(target, mode="a", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s:%(name)s] %(message)s"))
     file_handler.setLevel(logging.INFO)
+    setattr(file_handler, _OURS, True)
     logger.addHandler(file_handler)

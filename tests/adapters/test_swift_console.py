@@ -37,7 +37,9 @@ def test_swift_chatter_goes_to_the_log_file_and_errors_still_reach_the_console(
         assert "a real problem" in err
         text = log_file.read_text(encoding="utf-8")
         assert "max_ratio" in text and "trust_remote_code" in text and "a real problem" in text
-        assert sum(isinstance(h, logging.FileHandler) for h in logger.handlers) == 1
+        assert [h.baseFilename for h in logger.handlers if isinstance(h, logging.FileHandler)] == [
+            str(log_file.absolute())
+        ]  # an earlier run's log (another test's training in this process) was closed
     finally:
         for handler in list(logger.handlers):
             if handler not in before:
@@ -45,5 +47,30 @@ def test_swift_chatter_goes_to_the_log_file_and_errors_still_reach_the_console(
                 handler.close()
         for handler in before:
             handler.setLevel(levels[id(handler)])
-            if id(handler) in streams and streams[id(handler)] is not None:
-                handler.setStream(streams[id(handler)])  # type: ignore[attr-defined]
+            if id(handler) in streams:  # never back to a capture stream that may be closed by now
+                handler.setStream(sys.__stderr__)  # type: ignore[attr-defined]
+
+
+def test_routing_to_a_new_run_log_closes_the_previous_one(tmp_path: Path) -> None:
+    from swift.utils import get_logger
+
+    logger = get_logger()
+    before = list(logger.handlers)
+    try:
+        route_swift_logs(tmp_path / "a" / "swift.log")
+        logger.warning("first run")
+        route_swift_logs(tmp_path / "b" / "swift.log")
+        logger.warning("second run")
+        for handler in logger.handlers:
+            handler.flush()
+        first = (tmp_path / "a" / "swift.log").read_text(encoding="utf-8")
+        second = (tmp_path / "b" / "swift.log").read_text(encoding="utf-8")
+        assert "first run" in first and "second run" not in first
+        assert "second run" in second and "first run" not in second
+        ours = [h for h in logger.handlers if isinstance(h, logging.FileHandler) and h not in before]
+        assert [h.baseFilename for h in ours] == [str((tmp_path / "b" / "swift.log").absolute())]
+    finally:
+        for handler in list(logger.handlers):
+            if handler not in before:
+                logger.removeHandler(handler)
+                handler.close()
