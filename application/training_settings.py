@@ -125,6 +125,9 @@ def trainer_settings(training: TrainingConfig) -> TrainerSettings:
         greater_is_better=training.greater_is_better,
         report_to=tuple(training.report_to),
         deepspeed=training.deepspeed,
+        loss_from_hidden=training.loss_from_hidden,
+        probe_largest_pack=training.probe_largest_pack,
+        probe_memory_limit_gb=training.probe_memory_limit_gb,
         lora=lora_settings(training.lora),
         coord_offset=coord_offset_settings(training.coord_offset),
     )

@@ -161,6 +161,9 @@ class TrainerSettings:
     greater_is_better: bool | None
     report_to: tuple[str, ...]
     deepspeed: Path | None
+    loss_from_hidden: bool | None
+    probe_largest_pack: bool
+    probe_memory_limit_gb: float | None
     lora: LoraSettings
     coord_offset: CoordOffsetSettings
 

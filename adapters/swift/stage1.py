@@ -21,14 +21,17 @@ import attrs
 import torch
 
 from adapters.hf.checkpoint import check_processor
-from adapters.hf.encoding import sample_encoder_loader
 from adapters.hf.coord_offsets import coord_offset_param_groups, setup_coord_offsets
+from adapters.hf.encoding import sample_encoder_loader
+from adapters.hf.hidden_capture import FinalHiddenStates
 from adapters.hf.model_parts import apply_lora, freeze, frozen_parts, optimizer_groups
 from adapters.storage.checkpoints import complete_checkpoints
+from adapters.swift.probe import MeterFactory, probe_largest_unit
 from adapters.swift.stage1_runtime import Stage1Runtime
 from adapters.torch.collator import ProjectCollator, TargetTokenTyper, model_rope_index
 from adapters.torch.coord_loss import CoordLossKernel
 from adapters.torch.instability import InstabilityRunner
+from adapters.torch.memory_probe import device_meter
 from adapters.torch.stage1_data import Stage1Dataset
 from adapters.torch.stage1_metrics import TokenTypeMetricSettings
 from domain.coord_tokens import CoordIdTable
@@ -63,11 +66,12 @@ class SwiftStage1Engine:
 
     ``open_encoder`` gives a checkpoint's sample encoder (shared with the use case's length pre-pass, so the
     processor loads once); ``callbacks`` are extra transformers ``TrainerCallback`` objects (diagnostics,
-    conformance tests).
+    conformance tests); ``probe_meter`` measures the largest-pack-first probe (tests inject one).
     """
 
     open_encoder: Callable[[Path], SampleEncoderPort] = attrs.field(factory=sample_encoder_loader)
     callbacks: Sequence[Any] = ()
+    probe_meter: MeterFactory = device_meter
 
     def run(self, job: TrainingJob, metric_sink: MetricSink) -> TrainingOutcome:
         _offline_env()
@@ -212,6 +216,7 @@ class SwiftStage1Engine:
             configured_lr=float(training.learning_rate),
             diagnostics=diagnostics,
         )
+        runtime.hidden = hidden_source(model, training.loss_from_hidden)
         trainer = CoordExpStage1Trainer(
             model=model,
             args=args,
@@ -224,6 +229,8 @@ class SwiftStage1Engine:
             trainer.add_callback(callback)
         groups = coord_offset_param_groups(model, training, optimizer_groups(model, training))
         trainer.optimizer = torch.optim.AdamW(groups, lr=training.learning_rate)
+        # One forward + backward on the plan's longest unit before step 1 (training.probe_largest_pack).
+        probe_largest_unit(trainer, job, train_ds, meter=self.probe_meter, rank=rank, world_size=world_size)
         resume = str(job.resume_from) if job.resume_from is not None else None
         trainer.train(resume_from_checkpoint=resume)
         checkpoints = complete_checkpoints(job.run_dir)
@@ -235,6 +242,26 @@ class SwiftStage1Engine:
             step_losses=tuple(runtime.step_losses),
             last_checkpoint=checkpoints[-1] if checkpoints else None,
         )
+
+
+def hidden_source(model: Any, setting: bool | None) -> FinalHiddenStates | None:
+    """``training.loss_from_hidden`` resolved against the loaded model (issue 14): the final-norm hook and head
+    the loss reads instead of ``[B, L, V]`` logits, or None for the logits path. ``null`` (the default) takes
+    the hidden path whenever the model exposes both; ``true`` requires it; ``false`` never takes it."""
+    if setting is False:
+        print("loss: from logits (training.loss_from_hidden: false)")
+        return None
+    source = FinalHiddenStates.find(model)
+    if source is None:
+        if setting is True:
+            raise SetupError(
+                "training.loss_from_hidden: true, but the model exposes no final norm and bias-free output embedding "
+                "to compute the loss from; set it to null (auto) or false"
+            )
+        print("loss: from logits (the model exposes no final hidden states and output embedding)")
+        return None
+    print("loss: from the final hidden states and the output embedding, chunk by chunk (no full-vocabulary logits)")
+    return source
 
 
 def _distributed_ready() -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import torch
 
+from adapters.hf.hidden_capture import FinalHiddenStates
 from adapters.storage.atomic import give_umask_modes
 from adapters.storage.atomic import write_text_atomically as atomic_write_text
 from adapters.storage.checkpoints import complete_checkpoints, write_completion_marker
@@ -113,6 +114,7 @@ class Stage1Runtime:
     configured_lr: float = 0.0  # training.learning_rate (the monitor event's last fallback)
     save_total_limit: int | None = None
     best_metric_key: str | None = None
+    hidden: FinalHiddenStates | None = None  # training.loss_from_hidden resolved on: the loss reads hidden states
     diagnostics: BestEffortDiagnostics = attrs.field(factory=BestEffortDiagnostics)
     train_acc: MetricAccumulator = attrs.field(init=False)
     eval_acc: MetricAccumulator = attrs.field(init=False)
@@ -163,6 +165,69 @@ class Stage1Runtime:
             )
         try:
             return self.kernel(logits, labels, coord_metrics=self.pure_ce_coord_metrics, logit_stats=self.monitor is not None)
+        except StepError:
+            raise
+        except Exception as exc:
+            raise StepError(
+                f"Stage-1 loss failed at global_step={global_step}: {exc}; refusing to train without coord supervision"
+            ) from exc
+
+    def forward_loss(
+        self, model: Any, inputs: dict[str, Any], ctx: StepContext, global_step: int
+    ) -> tuple[Any, CoordLossResult]:
+        """The model's forward on ``inputs`` and the Stage-1 loss of it: the one place the trainer's step, its
+        evaluation and the largest-pack probe run a micro-batch.
+
+        With ``hidden`` (``training.loss_from_hidden`` resolved on) the model is called with
+        ``logits_to_keep=1`` (one position of logits, never ``[B, L, V]``) and the kernel reads the final hidden
+        states captured from that same forward times the head's weight (and coord-row offsets), chunk by chunk.
+        Otherwise the full-length logits are checked and handed to the kernel.
+        """
+        seq_len = int(inputs["input_ids"].shape[1])
+        source = self.hidden
+        if source is None:
+            outputs = model(**inputs)
+            if outputs.logits is not None and int(outputs.logits.shape[1]) != seq_len:
+                raise StepError(
+                    f"sliced logits: {list(outputs.logits.shape)} for input_ids of length {seq_len} "
+                    f"at global_step={global_step}"
+                )
+            return outputs, self.loss(outputs.logits, ctx, global_step)
+        with source.capture() as captured:
+            outputs = model(**inputs, logits_to_keep=1)
+        hidden = captured.hidden
+        if hidden is None or hidden.dim() != 3 or int(hidden.shape[1]) != seq_len:
+            raise StepError(
+                f"Stage-1 loss failed at global_step={global_step}: the final hidden states were not captured at "
+                f"full length ({None if hidden is None else list(hidden.shape)} for {seq_len} tokens); "
+                "set training.loss_from_hidden: false"
+            )
+        return outputs, self.loss_from_hidden(hidden, model, ctx, global_step)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, model: Any, ctx: StepContext, global_step: int) -> CoordLossResult:
+        """:meth:`loss` from the final hidden states and the output head (issue 14): the same terms, no logits."""
+        from adapters.hf.hidden_capture import head_offsets
+
+        source = self.hidden
+        assert source is not None
+        labels = ctx.labels
+        if labels is None or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+            raise StepError(f"Stage-1 loss failed at global_step={global_step}: labels missing or not [B, L]")
+        weight = source.weight
+        if tuple(hidden.shape[:2]) != tuple(labels.shape) or int(weight.shape[0]) < self.coord_table.max_id + 1:
+            raise StepError(
+                f"Stage-1 loss failed at global_step={global_step}: hidden states {list(hidden.shape)} and head "
+                f"{list(weight.shape)} do not cover labels {list(labels.shape)} with every coord id"
+            )
+        try:
+            return self.kernel.from_hidden(
+                hidden,
+                weight,
+                labels,
+                head_offsets=head_offsets(model),
+                coord_metrics=self.pure_ce_coord_metrics,
+                logit_stats=self.monitor is not None,
+            )
         except StepError:
             raise
         except Exception as exc:
@@ -224,7 +289,7 @@ class Stage1Runtime:
                 add(
                     "coord_monitor",
                     lambda: coord_monitor_updates(
-                        result, types, self.coord_mask, self.kernel.coord_columns(result.logits.device), tt
+                        result, types, self.coord_mask, self.kernel.coord_columns(result.device), tt
                     ),
                 )
         updates.extend(self.health_updates(ctx))

@@ -123,14 +123,7 @@ class CoordExpStage1Trainer(Seq2SeqTrainer):  # type: ignore[misc]
             raise StepError("logits_to_keep reached the model: Stage-1 needs full-length logits")
         if is_packed(ctx, inputs):
             check_packed_inputs(inputs)  # 4-row positions, no mask, no cache (data.md §8.4)
-        seq_len = int(inputs["input_ids"].shape[1])
-        outputs = model(**inputs)
-        if outputs.logits is not None and int(outputs.logits.shape[1]) != seq_len:
-            raise StepError(
-                f"sliced logits: {list(outputs.logits.shape)} for input_ids of length {seq_len} "
-                f"at global_step={self.state.global_step}"
-            )
-        result = self.coordexp.loss(outputs.logits, ctx, self.state.global_step)
+        outputs, result = self.coordexp.forward_loss(model, inputs, ctx, self.state.global_step)
         training = bool(model.training)
         if training:
             noncoord, coord, _ = (int(v) for v in self._window.tolist())
@@ -204,12 +197,12 @@ class CoordExpStage1Trainer(Seq2SeqTrainer):  # type: ignore[misc]
                 batch.pop("compute_loss_func", None)
                 ctx = pop_step_context(batch)
                 placeholder = ctx.labels is not None and not bool((ctx.labels != -100).any())
-                outputs = model(**batch)
                 if placeholder:  # a rank's padding batch: the forward keeps ranks in step, nothing counts
+                    model(**batch)
                     continue
                 num_samples += ctx.samples_in_batch()
                 num_batches += 1
-                result = self.coordexp.loss(outputs.logits, ctx, self.state.global_step)
+                _, result = self.coordexp.forward_loss(model, batch, ctx, self.state.global_step)
                 self.coordexp.record_metrics(result, ctx, train=False)
                 decision = self.coordexp.observe_instability(self, result, ctx, training=False)
                 if not decision.guard:  # a guarded eval batch (guard.in_eval) leaves sums and counts alike

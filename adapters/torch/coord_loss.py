@@ -1,15 +1,21 @@
 """Stage-1 loss kernel in torch (stage1.md §1.2-§1.4; float64 reference: ``domain.losses``).
 
-Given one micro-batch's full-vocabulary logits ``[B, L, V]`` and labels ``[B, L]`` it returns the
-sums and counts the step objective needs (Σ_N ce or Σ_T ce, Σ_C ℓ_coord, |N|, |C|, |T|), the
-``token_acc`` numerator and the coord-block diagnostics. ``lambda_for_backward`` turns the sums and
-the step's global counts into the value a micro-batch returns for backward (R3, R7).
+Given one micro-batch's full-vocabulary logits ``[B, L, V]`` (``kernel(logits, labels)``) or its
+final hidden states ``[B, L, H]`` and the output-embedding weight ``[V, H]``
+(``kernel.from_hidden(hidden, weight, labels)``) and labels ``[B, L]`` it returns the sums and
+counts the step objective needs (Σ_N ce or Σ_T ce, Σ_C ℓ_coord, |N|, |C|, |T|), the ``token_acc``
+numerator and the coord-block diagnostics. ``lambda_for_backward`` turns the sums and the step's
+global counts into the value a micro-batch returns for backward (R3, R7).
 
 Memory: the full-vocabulary work (log-sum-exp for CE and gate, argmax, their gradients) runs in
-fp32 over chunks of supervised rows inside one autograd function that saves only the logits it
-was given and per-row scalars; backward recomputes each chunk's softmax and writes one gradient
-buffer. No second full-vocabulary copy of the logits exists beyond one chunk. The coord terms
-work on the ``[|C|, 1000]`` coord columns only. Labels are read, never modified.
+fp32 over chunks of supervised rows inside one autograd function. A row source
+(:class:`LogitsRows` / :class:`HiddenRows`) gives a chunk's rows: read from the logits, or
+recomputed as ``h · Wᵀ`` (+ coord-offset head offsets); the per-row formulas are the same for both.
+The function saves only its inputs and per-row scalars; backward recomputes each chunk's rows and
+hands the chunk's row gradient to the source (one logits-sized gradient buffer, or grad_hidden /
+grad_weight / grad_offsets accumulated chunk by chunk). No full-vocabulary copy exists beyond one
+chunk; the hidden path never materialises ``[B, L, V]``. The coord terms work on the ``[|C|, 1000]``
+coord columns only. Labels are read, never modified.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from adapters.torch.liger_text_ce import liger_applicable, liger_text_ce_sum
 from domain.coord_tokens import NUM_BINS, CoordIdTable
 from domain.errors import InvariantViolation, StepError
 from domain.instability import MicroStepStats
@@ -57,21 +64,155 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+class RowSource:
+    """Where the full-vocabulary rows ``z = logits[b, i]`` of the supervised pairs come from.
+
+    A source is stateless apart from index tensors: the differentiable tensors (``params``) are
+    passed to every method, so the autograd function can hand it the tensors it saved. Two sources:
+    :class:`LogitsRows` (``params = (logits,)``) and :class:`HiddenRows` (``params = (hidden,
+    weight[, head_offsets])``, rows recomputed as ``h @ Wᵀ`` (+ offsets at the coord columns)).
+    """
+
+    def vocab(self, params: tuple[torch.Tensor, ...]) -> int:
+        raise NotImplementedError
+
+    def dtype(self, params: tuple[torch.Tensor, ...]) -> torch.dtype:
+        """The compute dtype of the rows (fp32; fp64 for fp64 inputs)."""
+        raise NotImplementedError
+
+    def rows(self, params: tuple[torch.Tensor, ...], b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """A fresh ``[n, V]`` copy of the rows at (b, i) in the compute dtype (callers may modify it in place)."""
+        raise NotImplementedError
+
+    def grad_buffers(self, params: tuple[torch.Tensor, ...], needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def add_row_grads(
+        self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None], b: torch.Tensor, i: torch.Tensor,
+        gx: torch.Tensor,
+    ) -> None:
+        """Accumulate the gradient ``gx`` [n, V] (compute dtype) w.r.t. the rows at (b, i) into ``grads``."""
+        raise NotImplementedError
+
+    def finish(self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+        return tuple(None if g is None else g.to(p.dtype) for g, p in zip(grads, params))
+
+    def zero_anchor(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """An exact 0 connected to every input (R7 / instability guard); gradients are zeros."""
+        raise NotImplementedError
+
+
+class LogitsRows(RowSource):
+    """Rows read from materialised logits ``[B, L, V]``."""
+
+    def vocab(self, params: tuple[torch.Tensor, ...]) -> int:
+        return int(params[0].shape[-1])
+
+    def dtype(self, params: tuple[torch.Tensor, ...]) -> torch.dtype:
+        return compute_dtype(params[0])
+
+    def rows(self, params: tuple[torch.Tensor, ...], b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        # Advanced indexing copies the rows, so the result may be modified in place.
+        return params[0][b, i].to(compute_dtype(params[0]))
+
+    def grad_buffers(self, params: tuple[torch.Tensor, ...], needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
+        return [torch.zeros_like(params[0], memory_format=torch.contiguous_format) if needs[0] else None]
+
+    def add_row_grads(
+        self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None], b: torch.Tensor, i: torch.Tensor,
+        gx: torch.Tensor,
+    ) -> None:
+        g = grads[0]
+        if g is not None:
+            g[b, i] = gx.to(g.dtype)
+
+    def finish(self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+        return tuple(grads)  # already in the logits' dtype
+
+    def zero_anchor(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return guarded_zero(params[0])
+
+
+class HiddenRows(RowSource):
+    """Rows recomputed from the final hidden states: ``z = h · Wᵀ`` and, with head offsets,
+    ``z[c] += h · offset[row(c)]`` at the coord columns ``offset_cols`` (ascending coord ids: the
+    coord-offset adapter's row order, as its head hook adds them).
+
+    The matmul runs in the weight's dtype (fp32 weights: fp32, exactly the logits the head would
+    produce; bf16 / fp16 weights: the head's own low-precision logits, upcast per chunk, so no
+    fp32 copy of the weight exists). Gradients: ``grad_h = gx · W (+ gx[:, cols] · offset)``
+    (gx cast to the weight's dtype, like the logits path's gradient buffer), ``grad_W += gxᵀ h`` and
+    ``grad_offset += gx[:, cols]ᵀ h`` accumulated in the compute dtype (in place, chunk by chunk).
+    """
+
+    def __init__(self, offset_cols: torch.Tensor | None) -> None:
+        self.offset_cols = offset_cols
+
+    def vocab(self, params: tuple[torch.Tensor, ...]) -> int:
+        return int(params[1].shape[0])
+
+    def dtype(self, params: tuple[torch.Tensor, ...]) -> torch.dtype:
+        return torch.float64 if params[0].dtype == torch.float64 and params[1].dtype == torch.float64 else torch.float32
+
+    def rows(self, params: tuple[torch.Tensor, ...], b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        hidden, weight = params[0], params[1]
+        h = hidden[b, i].to(weight.dtype)
+        x = (h @ weight.T).to(self.dtype(params))
+        if len(params) > 2:
+            assert self.offset_cols is not None
+            off = params[2]
+            x[:, self.offset_cols] += (h @ off.to(weight.dtype).T).to(x.dtype)
+        return x
+
+    def grad_buffers(self, params: tuple[torch.Tensor, ...], needs: tuple[bool, ...]) -> list[torch.Tensor | None]:
+        cd = self.dtype(params)
+        return [torch.zeros(p.shape, dtype=cd, device=p.device) if need else None for p, need in zip(params, needs)]
+
+    def add_row_grads(
+        self, params: tuple[torch.Tensor, ...], grads: list[torch.Tensor | None], b: torch.Tensor, i: torch.Tensor,
+        gx: torch.Tensor,
+    ) -> None:
+        hidden, weight = params[0], params[1]
+        g_h = grads[0]
+        if g_h is not None:
+            gm = gx.to(weight.dtype)
+            rows = (gm @ weight).to(g_h.dtype)
+            if len(params) > 2:
+                assert self.offset_cols is not None
+                rows += (gm[:, self.offset_cols] @ params[2].to(weight.dtype)).to(g_h.dtype)
+            g_h[b, i] += rows
+        if grads[1] is not None or (len(params) > 2 and grads[2] is not None):
+            h = hidden[b, i].to(gx.dtype)
+            if grads[1] is not None:
+                grads[1].addmm_(gx.T, h)
+            if len(params) > 2 and grads[2] is not None:
+                assert self.offset_cols is not None
+                grads[2].addmm_(gx[:, self.offset_cols].T, h)
+
+    def zero_anchor(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        z = guarded_zero(params[0])
+        for p in params[1:]:
+            z = z + guarded_zero(p)
+        return z
+
+
 class _SupervisedRows(torch.autograd.Function):
     """Full-vocabulary statistics of the supervised rows, chunk by chunk, in fp32.
 
-    Inputs: logits [B, L, V]; per supervised pair its (b, i) position, target id y, and whether it
-    is a coord pair; ``coord_cols`` the 1000 coord ids in bin order; τ; rows per chunk.
+    Inputs: the row ``source`` and its ``params`` (the differentiable tensors, last); per
+    supervised pair its (b, i) position, target id y, and whether it is a coord pair;
+    ``coord_cols`` the 1000 coord ids in bin order; τ; rows per chunk.
     Outputs (pair order): ``lse`` = LSE(z) and ``z_y`` = z[y] (raw fp32), ``lse_gate`` =
     LSE(z̃/τ) (coord pairs, 0 elsewhere), ``u`` = z[coord cols] of the coord pairs [|C|, 1000],
     and, not differentiable, ``argmax`` (int64) and, when ``logit_stats``, per row ``finite`` (all
     entries finite) and ``max_abs`` (max |z̃| after sanitising) for the instability monitor.
+    Backward recomputes each chunk's rows from the source and hands their gradient to it.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
-        logits: torch.Tensor,
+        source: RowSource,
         b: torch.Tensor,
         i: torch.Tensor,
         y: torch.Tensor,
@@ -80,10 +221,11 @@ class _SupervisedRows(torch.autograd.Function):
         tau: float,
         rows_per_chunk: int,
         logit_stats: bool,
+        *params: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         n = b.shape[0]
-        dev = logits.device
-        cd = compute_dtype(logits)
+        dev = b.device
+        cd = source.dtype(params)
         lse = torch.empty(n, dtype=cd, device=dev)
         z_y = torch.empty(n, dtype=cd, device=dev)
         lse_gate = torch.zeros(n, dtype=cd, device=dev)
@@ -91,27 +233,30 @@ class _SupervisedRows(torch.autograd.Function):
         m = n if logit_stats else 0
         row_finite = torch.ones(m, dtype=torch.bool, device=dev)
         row_max_abs = torch.zeros(m, dtype=cd, device=dev)
-        coord_pos = torch.nonzero(is_coord, as_tuple=True)[0]
-        u = logits[b[coord_pos].unsqueeze(1), i[coord_pos].unsqueeze(1), coord_cols.unsqueeze(0)].to(cd)
-        for start in range(0, n, rows_per_chunk):
-            sl = slice(start, min(n, start + rows_per_chunk))
-            # Advanced indexing copies the rows, so the chunk may be modified in place below.
-            x = logits[b[sl], i[sl]].to(cd)
-            z_y[sl] = x.gather(1, y[sl].unsqueeze(1)).squeeze(1)
-            if logit_stats:
-                row_finite[sl] = torch.isfinite(x).all(dim=-1)
-                row_max_abs[sl] = sanitize(x).abs_().amax(dim=-1)
-            cm = is_coord[sl]
-            if bool(cm.any()):
-                xc = sanitize(x[cm]).div_(tau)
-                lse_gate[start + torch.nonzero(cm, as_tuple=True)[0]] = torch.logsumexp(xc, dim=-1)
-                del xc
-            top, top_idx = torch.max(x, dim=-1)  # first maximal index, like argmax
-            argmax[sl] = top_idx
-            shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            lse[sl] = x.sub_(shift.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(shift)
-            del x
-        ctx.save_for_backward(logits, b, i, y, is_coord, coord_cols, lse, lse_gate)
+        coord_row = torch.cumsum(is_coord.to(torch.int64), 0) - 1
+        u = torch.empty((int(is_coord.sum()), int(coord_cols.numel())), dtype=cd, device=dev)
+        with torch.no_grad():
+            for start in range(0, n, rows_per_chunk):
+                sl = slice(start, min(n, start + rows_per_chunk))
+                x = source.rows(params, b[sl], i[sl])  # a fresh copy: modified in place below
+                z_y[sl] = x.gather(1, y[sl].unsqueeze(1)).squeeze(1)
+                if logit_stats:
+                    row_finite[sl] = torch.isfinite(x).all(dim=-1)
+                    row_max_abs[sl] = sanitize(x).abs_().amax(dim=-1)
+                cm = is_coord[sl]
+                if bool(cm.any()):
+                    local = torch.nonzero(cm, as_tuple=True)[0]
+                    xc = x[local]
+                    u[coord_row[sl][local]] = xc[:, coord_cols]
+                    lse_gate[start + local] = torch.logsumexp(sanitize(xc).div_(tau), dim=-1)
+                    del xc
+                top, top_idx = torch.max(x, dim=-1)  # first maximal index, like argmax
+                argmax[sl] = top_idx
+                shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+                lse[sl] = x.sub_(shift.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(shift)
+                del x
+        ctx.save_for_backward(b, i, y, is_coord, coord_cols, lse, lse_gate, *params)
+        ctx.source = source
         ctx.tau = tau
         ctx.rows_per_chunk = rows_per_chunk
         ctx.set_materialize_grads(False)
@@ -128,42 +273,54 @@ class _SupervisedRows(torch.autograd.Function):
         g_u: torch.Tensor | None,
         *_non_differentiable: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        logits, b, i, y, is_coord, coord_cols, lse, lse_gate = ctx.saved_tensors
-        none8: tuple[None, ...] = (None,) * 8
-        if not ctx.needs_input_grad[0] or all(g is None for g in (g_lse, g_zy, g_gate, g_u)):
-            return (None, *none8)
+        b, i, y, is_coord, coord_cols, lse, lse_gate, *plist = ctx.saved_tensors
+        params = tuple(plist)
+        source: RowSource = ctx.source
+        head: tuple[None, ...] = (None,) * 9
+        needs = tuple(bool(x) for x in ctx.needs_input_grad[9:])
+        if not any(needs) or all(g is None for g in (g_lse, g_zy, g_gate, g_u)):
+            return (*head, *((None,) * len(params)))
         tau: float = ctx.tau
-        cd = compute_dtype(logits)
-        grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        cd = source.dtype(params)
+        vocab = source.vocab(params)
+        grads = source.grad_buffers(params, needs)
         n = b.shape[0]
         # Row of each pair inside the [|C|, 1000] u tensor (-1 for non-coord pairs).
         coord_row = torch.cumsum(is_coord.to(torch.int64), 0) - 1
         for start in range(0, n, ctx.rows_per_chunk):
             sl = slice(start, min(n, start + ctx.rows_per_chunk))
             rows_b, rows_i = b[sl], i[sl]
+            cm = is_coord[sl]
+            local = torch.nonzero(cm, as_tuple=True)[0]
+            has_coord = local.numel() > 0
+            if g_lse is None and g_zy is None and not (has_coord and (g_gate is not None or g_u is not None)):
+                continue  # this chunk's rows get no gradient
+            x = source.rows(params, rows_b, rows_i) if g_lse is not None or (has_coord and g_gate is not None) else None
+            soft: torch.Tensor | None = None
+            if has_coord and g_gate is not None:
+                assert x is not None
+                xr = x[local]  # a copy, taken before x is modified in place
+                inside = torch.isfinite(xr) & (xr.abs() <= LOGIT_BOUND)  # d sanitize / dz
+                soft = sanitize(xr).div_(tau).sub_(lse_gate[sl][local].unsqueeze(1)).exp_()
+                soft.mul_(g_gate[sl][local].unsqueeze(1) / tau).mul_(inside)
+                del xr, inside
             if g_lse is not None:
+                assert x is not None
                 # softmax(z) · g, computed in place on the chunk's copy of the rows.
-                gx = logits[rows_b, rows_i].to(cd)
-                gx.sub_(lse[sl].unsqueeze(1)).exp_().mul_(g_lse[sl].unsqueeze(1))
+                gx = x.sub_(lse[sl].unsqueeze(1)).exp_().mul_(g_lse[sl].unsqueeze(1))
             else:
-                gx = torch.zeros((sl.stop - sl.start, logits.shape[-1]), dtype=cd, device=logits.device)
+                gx = torch.zeros((sl.stop - sl.start, vocab), dtype=cd, device=b.device)
+            del x
             if g_zy is not None:
                 gx.scatter_add_(1, y[sl].unsqueeze(1), g_zy[sl].unsqueeze(1))
-            cm = is_coord[sl]
-            if bool(cm.any()):
-                local = torch.nonzero(cm, as_tuple=True)[0]
-                if g_gate is not None:
-                    xr = logits[rows_b[local], rows_i[local]].to(cd)
-                    inside = torch.isfinite(xr) & (xr.abs() <= LOGIT_BOUND)  # d sanitize / dz
-                    soft = sanitize(xr).div_(tau).sub_(lse_gate[sl][local].unsqueeze(1)).exp_()
-                    soft.mul_(g_gate[sl][local].unsqueeze(1) / tau).mul_(inside)
-                    gx.index_add_(0, local, soft)
-                    del xr, inside, soft
-                if g_u is not None:
-                    gx[local.unsqueeze(1), coord_cols.unsqueeze(0)] += g_u[coord_row[sl][local]]
-            grad[rows_b, rows_i] = gx.to(grad.dtype)
+            if soft is not None:
+                gx.index_add_(0, local, soft)
+                del soft
+            if has_coord and g_u is not None:
+                gx[local.unsqueeze(1), coord_cols.unsqueeze(0)] += g_u[coord_row[sl][local]]
+            source.add_row_grads(params, grads, rows_b, rows_i, gx)
             del gx
-        return (grad, *none8)
+        return (*head, *source.finish(params, grads))
 
 
 @attrs.frozen
@@ -187,9 +344,38 @@ class CoordLossResult:
     pair_index: tuple[torch.Tensor, torch.Tensor]  # (b, i): logits row of each pair; its label is labels[b, i + 1]
     coord_terms: dict[str, torch.Tensor] | None
     settings: CoordLossSettings
-    logits: torch.Tensor = attrs.field(repr=False)
+    source: RowSource = attrs.field(repr=False)
+    params: tuple[torch.Tensor, ...] = attrs.field(repr=False)  # (logits,) or (hidden, weight[, head_offsets])
     row_finite: torch.Tensor | None = None  # [|T|] bool, with logit_stats
     row_max_abs: torch.Tensor | None = None  # [|T|] max |z̃| per row, with logit_stats
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """The logits ``[B, L, V]`` of the logits path; None for :meth:`CoordLossKernel.from_hidden`.
+
+        Readers should use :meth:`rows`, :attr:`vocab`, :attr:`device` and :meth:`zero_anchor`,
+        which work for both paths.
+        """
+        return self.params[0] if isinstance(self.source, LogitsRows) else None
+
+    @property
+    def vocab(self) -> int:
+        return self.source.vocab(self.params)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """fp32 (fp64 for fp64 inputs): the dtype of :meth:`rows`."""
+        return self.source.dtype(self.params)
+
+    def rows(self, b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Raw full-vocabulary logits rows at positions (b, i) as a fresh ``[n, V]`` copy in the
+        compute dtype, without graph (callers may modify it in place). Read in chunks."""
+        with torch.no_grad():
+            return self.source.rows(tuple(p.detach() for p in self.params), b, i)
 
     @property
     def num_supervised(self) -> int:
@@ -204,8 +390,9 @@ class CoordLossResult:
         return self.ce_count > 0 or (self.distributional and self.num_coord > 0)
 
     def zero_anchor(self) -> torch.Tensor:
-        """``0 · Σ logits`` connected to the graph (R7); value and gradient are exactly 0 even for inf/NaN logits."""
-        return guarded_zero(self.logits)
+        """``0 · Σ inputs`` connected to the graph (R7): the logits, or hidden, weight and offsets;
+        value and gradients are exactly 0 even for inf/NaN inputs."""
+        return self.source.zero_anchor(self.params)
 
     def micro_batch_sums(self) -> MicroBatchSums:
         return MicroBatchSums(
@@ -293,11 +480,18 @@ class CoordLossKernel:
     """
 
     def __init__(
-        self, table: CoordIdTable, settings: CoordLossSettings, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        table: CoordIdTable,
+        settings: CoordLossSettings,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        liger: bool | None = None,
     ) -> None:
         self.table = table
         self.settings = settings
         self.chunk_bytes = chunk_bytes
+        #: :meth:`from_hidden` text CE through liger-kernel: None = when applicable, False = never,
+        #: True = when applicable (the same; liger is never forced where it would compute something else).
+        self.liger = liger
         self._bin_tables: dict[tuple[str, int], torch.Tensor] = {}
         self._cols: dict[str, torch.Tensor] = {}
         self._targets: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -349,7 +543,6 @@ class CoordLossKernel:
         tokens mode). In distributional mode the block always runs. ``logit_stats``: also measure
         per supervised row finiteness and max |z̃| (instability monitor, §5 step 1).
         """
-        s = self.settings
         _check_labels(labels)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(labels.shape):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -357,13 +550,76 @@ class CoordLossKernel:
                 f"logits must be [B, L, V] matching labels [B, L] = {list(labels.shape)}; got {shape} "
                 "(logits trimming and fused CE kernels are not allowed on Stage-1)"
             )
-        vocab = int(logits.shape[-1])
+        self._check_vocab(int(logits.shape[-1]), f"logits {list(logits.shape)}, labels {list(labels.shape)}")
+        return self._run(LogitsRows(), (logits,), labels, coord_metrics, logit_stats)
+
+    def offset_columns(self, device: torch.device) -> torch.Tensor:
+        """The coord ids in ascending order: the row order of the coord-offset adapter's head offsets."""
+        key = "offsets:" + str(device)
+        if key not in self._cols:
+            self._cols[key] = torch.as_tensor(np.asarray(sorted(self.table.ids), dtype=np.int64), device=device)
+        return self._cols[key]
+
+    def from_hidden(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        head_offsets: torch.Tensor | None = None,
+        coord_metrics: bool | None = None,
+        logit_stats: bool = False,
+    ) -> CoordLossResult:
+        """The same sums and counts as ``self(hidden @ weight.T (+ offsets), labels)`` without the logits.
+
+        ``hidden`` [B, L, H]: the final hidden states (position i gives the logits row i, whose pair
+        predicts ``labels[b, i + 1]``); ``weight`` [V, H]: the output-embedding (LM-head) weight, no
+        bias; ``head_offsets`` [1000, H]: the coord-offset adapter's head table
+        (``CoordOffsetAdapter.head_table``), rows in ASCENDING coord-id order, added at the coord
+        columns as its head hook does. Rows are computed chunk by chunk (forward and again in
+        backward); neither ``[B, L, V]`` nor ``[|T|, V]`` is ever materialised. With the kernel's
+        ``liger`` switch on (auto: CUDA + liger-kernel installed + no head offsets), the text CE
+        (non-coord rows; every row in pure-CE mode) and its gradient come from liger-kernel's fused
+        linear cross-entropy instead.
+        """
+        _check_labels(labels)
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
+            shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise StepError(f"hidden must be [B, L, H] matching labels [B, L] = {list(labels.shape)}; got {shape}")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or int(weight.shape[1]) != int(hidden.shape[2]):
+            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise StepError(f"weight must be [V, H] with H = {int(hidden.shape[2])} (hidden {list(hidden.shape)}); got {shape}")
+        params: tuple[torch.Tensor, ...] = (hidden, weight)
+        offset_cols = None
+        if head_offsets is not None:
+            if not isinstance(head_offsets, torch.Tensor) or tuple(head_offsets.shape) != (NUM_BINS, int(hidden.shape[2])):
+                shape = tuple(head_offsets.shape) if isinstance(head_offsets, torch.Tensor) else type(head_offsets).__name__
+                raise StepError(f"head_offsets must be [{NUM_BINS}, {int(hidden.shape[2])}]; got {shape}")
+            params = (hidden, weight, head_offsets)
+            offset_cols = self.offset_columns(hidden.device)
+        self._check_vocab(int(weight.shape[0]), f"weight {list(weight.shape)}, labels {list(labels.shape)}")
+        return self._run(HiddenRows(offset_cols), params, labels, coord_metrics, logit_stats)
+
+    def _use_liger(self, source: RowSource, params: tuple[torch.Tensor, ...]) -> bool:
+        if self.liger is False or not isinstance(source, HiddenRows):
+            return False
+        return liger_applicable(params[0], params[1], params[2] if len(params) > 2 else None)
+
+    def _check_vocab(self, vocab: int, shapes: str) -> None:
         if vocab < self.table.max_id + 1:
-            raise StepError(
-                f"logits vocab size {vocab} < 1 + max coord id {self.table.max_id} "
-                f"(logits {list(logits.shape)}, labels {list(labels.shape)})"
-            )
-        dev = logits.device
+            raise StepError(f"logits vocab size {vocab} < 1 + max coord id {self.table.max_id} ({shapes})")
+
+    def _run(
+        self,
+        source: RowSource,
+        params: tuple[torch.Tensor, ...],
+        labels: torch.Tensor,
+        coord_metrics: bool | None,
+        logit_stats: bool,
+    ) -> CoordLossResult:
+        s = self.settings
+        vocab = source.vocab(params)
+        dev = params[0].device
         y_all = labels[:, 1:].to(dev)
         b, i = torch.nonzero(y_all != IGNORE_INDEX, as_tuple=True)
         y = y_all[b, i].long()
@@ -380,13 +636,19 @@ class CoordLossKernel:
         run_block = s.enabled or bool(coord_metrics)
 
         lse, z_y, lse_gate, u, argmax, row_finite, row_max_abs = _SupervisedRows.apply(
-            logits, b, i, y, is_coord if run_block else torch.zeros_like(is_coord), self.coord_columns(dev),
-            float(s.temperature), _rows_per_chunk(vocab, self.chunk_bytes), bool(logit_stats),
+            source, b, i, y, is_coord if run_block else torch.zeros_like(is_coord), self.coord_columns(dev),
+            float(s.temperature), _rows_per_chunk(vocab, self.chunk_bytes), bool(logit_stats), *params,
         )
-        ce = lse - z_y
         ce_rows = ~is_coord if s.enabled else torch.ones_like(is_coord)
-        cd = compute_dtype(logits)
-        sum_ce = ce[ce_rows].sum() if bool(ce_rows.any()) else torch.zeros((), dtype=cd, device=dev)
+        cd = source.dtype(params)
+        if not bool(ce_rows.any()):
+            sum_ce = torch.zeros((), dtype=cd, device=dev)
+        elif self._use_liger(source, params):
+            # The same Σ ce over the CE rows, value and gradient from liger's fused linear CE.
+            hidden, weight = params[0], params[1]
+            sum_ce = liger_text_ce_sum(hidden[b[ce_rows], i[ce_rows]], weight, y[ce_rows]).to(cd)
+        else:
+            sum_ce = (lse - z_y)[ce_rows].sum()
         num_correct = int((argmax == y).sum())
 
         sum_coord = torch.zeros((), dtype=cd, device=dev)
@@ -417,7 +679,8 @@ class CoordLossKernel:
             pair_index=(b, i),
             coord_terms=terms,
             settings=s,
-            logits=logits,
+            source=source,
+            params=params,
             row_finite=row_finite if logit_stats else None,
             row_max_abs=row_max_abs if logit_stats else None,
         )

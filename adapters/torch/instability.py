@@ -8,7 +8,8 @@ and this runner does the I/O and the torch parts:
   warning line (step 4);
 - with ``dump_samples``, ``samples_step<s>_<mode>_rank<r>.json`` written atomically with the raw JSONL
   records named by (source, line) in the micro-batch's instability meta (step 5);
-- the guard value ``0 · Σ sanitised logits`` (:func:`adapters.torch.coord_loss.guarded_zero`, step 7);
+- the guard value ``0 · Σ sanitised inputs`` (``CoordLossResult.zero_anchor``, built on
+  :func:`adapters.torch.coord_loss.guarded_zero`; step 7);
 - the cross-rank stop flag: a MAX all-reduce of ``[stop_requested]`` at every training micro-step when
   W > 1, entered by every rank unconditionally, also when this rank's monitor is disabled (step 8).
 
@@ -29,7 +30,7 @@ import attrs
 import torch
 
 from adapters.storage.atomic import write_text_atomically
-from adapters.torch.coord_loss import CoordLossResult, guarded_zero, micro_step_stats
+from adapters.torch.coord_loss import CoordLossResult, micro_step_stats
 from domain.errors import BestEffortDiagnostics
 from domain.instability import (
     InstabilitySettings,
@@ -304,8 +305,9 @@ class InstabilityRunner:
     # --- step 7
     @staticmethod
     def guarded_loss(result: CoordLossResult) -> torch.Tensor:
-        """``0 · Σ sanitised logits``: an exact zero connected to the graph (zero, not None, gradients)."""
-        return guarded_zero(result.logits)
+        """``0 · Σ sanitised inputs`` (the logits, or hidden states, weight and offsets): an exact zero
+        connected to the graph (zero, not None, gradients)."""
+        return result.zero_anchor()
 
     # --- step 8
     def exchange_stop(self, requested: bool, device: torch.device | str = "cpu") -> bool:

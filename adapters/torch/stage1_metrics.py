@@ -2,13 +2,15 @@
 
 Both read one micro-batch's kernel result (:class:`adapters.torch.coord_loss.CoordLossResult`: the
 supervised pairs in pair order, their targets, full-vocab argmax and id-based coord flag) and the
-same logits, without gradient. "Coord" and "text" classes are id-based (text = supervised target
+same logits rows through ``result.rows`` (read from the logits, or recomputed from the hidden
+states on the hidden-state path), without gradient. "Coord" and "text" classes are id-based (text = supervised target
 that is not a coord id; numeric mode: every supervised pair), so they never depend on the token
 types; the DESC / FORMAT / COORD type classes come from ``token_types`` shifted like the labels
 (``[:, 1:]``) and are used only when the step context says the types are valid (§2.6).
 
 Full-vocabulary work (top-5 membership, coord-vocabulary mass) runs over chunks of rows in fp32 on
-sanitised logits, so no second full-size copy of the logits exists.
+sanitised rows, so no second full-size copy of the logits exists (and none at all on the
+hidden-state path).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from adapters.torch.coord_loss import DEFAULT_CHUNK_BYTES, CoordLossResult, compute_dtype
+from adapters.torch.coord_loss import DEFAULT_CHUNK_BYTES, CoordLossResult
 from domain.losses import LOGIT_BOUND
 from domain.metrics_registry import MetricUpdate, stride_subsample
 from domain.token_types import COORD, DESC, FORMAT
@@ -44,9 +46,12 @@ def _rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
     return max(1, int(chunk_bytes) // (4 * vocab))
 
 
-def _sanitised_rows(logits: torch.Tensor, b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """The rows ``logits[b, i]`` as a fresh fp32 (fp64 for fp64 logits) copy, sanitised in place (§1.2 step 2)."""
-    x = logits[b, i].detach().to(compute_dtype(logits))  # advanced indexing copies: in-place is safe
+def _sanitised_rows(result: CoordLossResult, b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """The rows at (b, i) as a fresh fp32 (fp64 for fp64 inputs) copy, sanitised in place (§1.2 step 2).
+
+    Read through the result, so it works for the logits path and the hidden-state path alike.
+    """
+    x = result.rows(b, i)
     torch.nan_to_num_(x, nan=0.0, posinf=LOGIT_BOUND, neginf=-LOGIT_BOUND)
     return x.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
@@ -63,15 +68,14 @@ def pair_types(result: CoordLossResult, token_types: torch.Tensor | None) -> tor
 @torch.no_grad()
 def top5_hits(result: CoordLossResult, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """``1[y ∈ full-vocab top-5]`` per supervised pair: fewer than 5 entries strictly above z[y] (sanitised)."""
-    logits = result.logits
     b, i = result.pair_index
     y = result.targets
     n = int(y.numel())
-    out = torch.zeros(n, dtype=torch.bool, device=logits.device)
-    step = _rows_per_chunk(int(logits.shape[-1]), chunk_bytes)
+    out = torch.zeros(n, dtype=torch.bool, device=result.device)
+    step = _rows_per_chunk(result.vocab, chunk_bytes)
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        x = _sanitised_rows(logits, b[sl], i[sl])
+        x = _sanitised_rows(result, b[sl], i[sl])
         z_y = x.gather(1, y[sl].unsqueeze(1))
         out[sl] = (x > z_y).sum(dim=-1) < 5
         del x
@@ -87,17 +91,15 @@ def coord_vocab_mass(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """``Σ_k softmax(z̃/τ)[c_k]`` for the supervised pairs at positions ``pairs`` (pair order indices)."""
-    logits = result.logits
     b, i = result.pair_index
     n = int(pairs.numel())
-    cd = compute_dtype(logits)
-    out = torch.zeros(n, dtype=cd, device=logits.device)
-    cols = coord_columns.to(logits.device)
-    step = _rows_per_chunk(int(logits.shape[-1]), chunk_bytes)
+    out = torch.zeros(n, dtype=result.compute_dtype, device=result.device)
+    cols = coord_columns.to(result.device)
+    step = _rows_per_chunk(result.vocab, chunk_bytes)
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
         rows = pairs[sl]
-        x = _sanitised_rows(logits, b[rows], i[rows]).div_(temperature)
+        x = _sanitised_rows(result, b[rows], i[rows]).div_(temperature)
         lse_all = torch.logsumexp(x, dim=-1)
         lse_coord = torch.logsumexp(x[:, cols], dim=-1)
         out[sl] = torch.exp(lse_coord - lse_all).clamp_(0.0, 1.0)

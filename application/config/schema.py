@@ -306,6 +306,13 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = setting(None, nonempty=True)
     report_to: tuple[str, ...] = ()
     deepspeed: Path | None = None
+    # null: the loss reads the final hidden states and the output embedding (never building full-vocabulary
+    # logits) when the model exposes both, else logits; true requires it, false always uses logits (issue 14).
+    loss_from_hidden: bool | None = None
+    # One forward + backward on the longest pack of the plan before step 1 (peak memory, time); fails with
+    # the pack's samples when it does not fit. ``probe_memory_limit_gb``: the budget (null: the device's).
+    probe_largest_pack: bool = True
+    probe_memory_limit_gb: float | None = setting(None, gt=0)
     lora: LoraConfig = attrs.field(factory=LoraConfig)
     coord_offset: CoordOffsetConfig = attrs.field(factory=CoordOffsetConfig)
 

@@ -95,6 +95,7 @@ def test_every_trainer_setting_is_the_training_key_of_the_same_name() -> None:
                            dataloader_num_workers=2, logging_steps=3, eval_strategy="steps", eval_steps=9,
                            save_strategy="epoch", save_steps=11, save_total_limit=2, save_only_model=True,
                            metric_for_best_model="eval_loss", greater_is_better=False, report_to=("tensorboard",),
+                           loss_from_hidden=False, probe_largest_pack=False, probe_memory_limit_gb=3.5,
                            lora=LoraConfig(enabled=True, rank=4, alpha=8))  # fmt: skip
     settings = trainer_settings(block)
     for field in attrs.fields(type(settings)):

@@ -138,7 +138,7 @@ def test_a_raising_diagnostic_leaves_the_losses_and_reports_health(
             labelled,
             run={"name": name, "output_dir": str(tmp_path / name), "seed": 17},
             data={"train_jsonl": str(labelled), "val_jsonl": str(labelled)},
-            training=training(False, max_steps=3, eval_steps=2),
+            training=training(False, max_steps=3, eval_steps=2, probe_largest_pack=False),
             objective=objective(True, token_type_metrics={"enabled": True}),
         )
 
@@ -222,7 +222,7 @@ def test_guard_replaces_a_non_finite_loss_instead_of_stopping(
     cfg = make_config(
         labelled,
         data={"train_jsonl": str(labelled)},
-        training={"max_steps": 3},
+        training={"max_steps": 3, "loss_from_hidden": False, "probe_largest_pack": False},  # poisons logits call 2
         objective=objective(True, instability_monitor={"enabled": True, "guard": {"enabled": True},
                                                        "detect_loss_spike": False, "detect_low_acc": False}),
     )

@@ -178,7 +178,7 @@ def _eval_run(
         data={"train_jsonl": str(train_jsonl), "val_jsonl": str(val_jsonl)},
         training={"max_steps": 1, "packing": False, "per_device_train_batch_size": 3,
                   "gradient_accumulation_steps": 1, "max_grad_norm": 1.0e9, "eval_strategy": "steps",
-                  "eval_steps": 1, **training},
+                  "eval_steps": 1, "loss_from_hidden": False, **training},  # the eval spy reads logits
     )
     outcome = _run(cfg)
     return outcome, read_log(tmp_path / name / name)

@@ -153,7 +153,8 @@ def test_non_finite_loss_stops_with_step_and_sample_ids(
         return result
 
     monkeypatch.setattr(coord_loss.CoordLossKernel, "__call__", poisoned)
-    cfg = make_config(shapes3_bbox, training={"max_steps": 3})
+    # the logits path's kernel is poisoned; the probe would take kernel call 1
+    cfg = make_config(shapes3_bbox, training={"max_steps": 3, "loss_from_hidden": False, "probe_largest_pack": False})
     with pytest.raises(StepError) as info:
         _run(cfg)
     message = str(info.value)
@@ -272,7 +273,7 @@ def test_random_ordering_reaches_the_dataset_with_the_epoch(
 
     monkeypatch.setattr(stage1.Stage1Dataset, "__getitem__", spy)
     cfg = make_config(shapes3_bbox, data={"train_jsonl": str(shapes3_bbox), "ordering": "random"},
-                      training={"max_steps": 6, "packing": False})
+                      training={"max_steps": 6, "packing": False, "probe_largest_pack": False})
     _run(cfg)
     assert sorted(i for i in seen if i < 3) == [0, 1, 2] and sorted(i for i in seen if i >= 3) == [3, 4, 5]
     assert any(targets[i] != targets[i + 3] for i in range(3))  # the same record, another epoch, another order
