@@ -29,7 +29,7 @@ from adapters.storage.checkpoints import complete_checkpoints
 from adapters.swift.probe import MeterFactory, probe_largest_unit
 from adapters.swift.stage1_runtime import Stage1Runtime
 from adapters.torch.collator import ProjectCollator, TargetTokenTyper, model_rope_index
-from adapters.torch.coord_loss import CoordLossKernel
+from adapters.torch.coord_loss import DEFAULT_CHUNK_BYTES, CoordLossKernel
 from adapters.torch.instability import InstabilityRunner
 from adapters.torch.memory_probe import device_meter
 from adapters.torch.stage1_data import Stage1Dataset
@@ -42,6 +42,11 @@ from domain.training_samples import build_sources, gradient_accumulation_steps
 from ports.metrics import MetricSink
 from ports.tokenizer import SampleEncoderPort
 from ports.training import SplitData, TokenTypeSettings, TrainingJob, TrainingOutcome
+
+
+#: Rows per chunk of the loss-from-hidden path: 64 MiB of fp32 logits rows (bench/bench_coord_loss_hidden.py: at
+#: 16-32 MiB the recomputed chunk matmuls cost 1.5-1.8x the logits path's time, at 64 MiB 1.1-1.5x).
+HIDDEN_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def _offline_env() -> None:
@@ -197,9 +202,13 @@ class SwiftStage1Engine:
             use_cpu=not torch.cuda.is_available(),
             use_logits_to_keep=False,
         )
+        hidden = hidden_source(model, training.loss_from_hidden)
         runtime = Stage1Runtime(
             coord_table=coord_table,
-            kernel=CoordLossKernel(coord_table, loss_settings),
+            # the hidden path recomputes h @ W.T per chunk: bigger chunks keep its matmuls efficient (issue 14 bench)
+            kernel=CoordLossKernel(
+                coord_table, loss_settings, chunk_bytes=HIDDEN_CHUNK_BYTES if hidden is not None else DEFAULT_CHUNK_BYTES
+            ),
             collator=collator,
             coord_mask=torch.as_tensor(coord_table.mask(vocab)),
             run_dir=job.run_dir,
@@ -216,7 +225,7 @@ class SwiftStage1Engine:
             configured_lr=float(training.learning_rate),
             diagnostics=diagnostics,
         )
-        runtime.hidden = hidden_source(model, training.loss_from_hidden)
+        runtime.hidden = hidden
         trainer = CoordExpStage1Trainer(
             model=model,
             args=args,
