@@ -12,10 +12,10 @@ inside; the reference is ``tokenizer.encode`` of the rollout text. Prints per-st
 to the encode side by side, then the whole step against the 2 ms target and against the encode. No
 assertion: a benchmark. Target (issue 12): <= 2 ms per sample for the whole step, pieces given.
 
-Last measured (shared 2-core box, best of 7, load 2-3.5): scan 0.82-0.95, match 0.38-0.43, targets + masks +
-dup 1.04-1.13 (monitor 0.13), whole step 2.24-2.44 ms/sample (1.5-1.6x the 1.5 ms encode; 4.39 before round 2
-of issue 12): target not met; the floor is per-record Python work and fixed numpy / tokenizer calls, see
-docs/stage2.md "Speed".
+Last measured (quiet 2-core box, load 0.7-2.4 with one test run alongside, best of 9, three runs): scan 0.81-0.82,
+match 0.385, targets + masks + dup 0.73-0.74 (monitor 0.13), whole step 1.92 ms/sample (1.3x the 1.49 ms
+encode; 2.24 before round 3 of issue 12, 4.39 before round 2): target met, by 0.08 ms (not re-measured
+under load this round; round 2's numbers rose 10-40% at load 4+). See docs/stage2.md "Speed".
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ import enum
 import functools
 import itertools
 import math
+import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -31,6 +32,7 @@ from domain.coordjson import (
     CONTAINER_OPENER,
     POLY_UNSUPPORTED,
     FnInjection,
+    RecordStatus,
     ScannedRecord,
     ScanResult,
     TokenClass,
@@ -69,6 +71,7 @@ __all__ = [
 
 
 F64 = npt.NDArray[np.float64]
+_VALID = RecordStatus.VALID  # ``r.status is _VALID`` is ``r.is_valid`` without the property call
 I8 = npt.NDArray[np.int8]
 
 
@@ -469,13 +472,15 @@ def match_inputs(scan: ScanResult, variant: Stage2Variant) -> tuple[ScannedRecor
     ``pred_idx`` of a :class:`MatchOutcome` indexes this tuple.
     """
     keep_poly = Stage2Variant(variant) is Stage2Variant.ROLLOUT_MATCHING_SFT
-    return tuple(r for r in scan.records if r.is_valid and (keep_poly or r.geom_type is GeometryKind.BBOX))
+    return tuple(
+        r for r in scan.records if r.status is _VALID and (keep_poly or r.geom_type is GeometryKind.BBOX)
+    )
 
 
 def _pred_objects(scan: ScanResult, variant: Stage2Variant) -> list[DetObject]:
     """``[r.to_object() for r in match_inputs(scan, variant)]``, reusing the scan's ``valid_objects``
     (one per valid record, in order) instead of building the objects again."""
-    valid = [r for r in scan.records if r.is_valid]
+    valid = [r for r in scan.records if r.status is _VALID]
     if len(valid) != len(scan.valid_objects):
         return [r.to_object() for r in match_inputs(scan, variant)]
     keep_poly = Stage2Variant(variant) is Stage2Variant.ROLLOUT_MATCHING_SFT
@@ -495,6 +500,83 @@ def _drop_reasons(scan: ScanResult, n_poly_unsupported: int) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # Target construction (§7, §11.2)
 # --------------------------------------------------------------------------------------------
+
+
+# A coord token as the tokenizer's added-token split finds it (any ``<|coord_k|>``, desc strings included).
+_COORD_TOKEN_SPLIT = re.compile(r"<\|coord_(0|[1-9][0-9]{0,2})\|>")
+_SEGMENT_CHECKS = 8  # fragments per tokenizer compared with the real encode before the memo is trusted
+_SEGMENT_MEMO_MAX = 1 << 16  # entries; cleared when exceeded
+
+
+class _SegmentMemo:
+    """Per tokenizer: ``encode`` of the text segments between coord tokens, and whether assembling a
+    fragment's ids from them is still trusted (``checks_left`` fragments still compared with the real
+    encode; a mismatch turns the memo off for good)."""
+
+    __slots__ = ("checks_left", "coord_ids", "memo", "on")
+
+    def __init__(self, coord_ids: CoordIdTable) -> None:
+        self.coord_ids = coord_ids
+        self.memo: dict[str, tuple[int, ...]] = {}
+        self.checks_left = _SEGMENT_CHECKS
+        self.on = True
+
+
+_SEGMENT_MEMOS: weakref.WeakKeyDictionary[object, _SegmentMemo] = weakref.WeakKeyDictionary()
+
+
+def _assemble_fragment_ids(
+    text: str, encode: Callable[[str], Sequence[int]], coord: Sequence[int], memo: dict[str, tuple[int, ...]]
+) -> list[int]:
+    """``encode(text)`` read as ``encode(seg_0) + [id of <|coord_k0|>] + encode(seg_1) + ...``: coord tokens
+    are special tokens (D7), which a Hugging Face tokenizer splits off before normalising and
+    pre-tokenising, so the segments between them encode independently (tests/domain/
+    test_stage2_fast_paths.py holds this on the Qwen tokenizer). Each distinct segment is encoded once."""
+    parts = _COORD_TOKEN_SPLIT.split(text)  # segment, bin, segment, bin, ..., segment
+    out: list[int] = []
+    for i, part in enumerate(parts):
+        if i & 1:
+            out.append(coord[int(part)])
+            continue
+        seg = memo.get(part)
+        if seg is None:
+            if len(memo) >= _SEGMENT_MEMO_MAX:
+                memo.clear()
+            seg = memo[part] = tuple(map(int, encode(part)))
+        out.extend(seg)
+    return out
+
+
+def _fragment_encoder(tokenizer: Stage2TokenText, coord_ids: CoordIdTable) -> Callable[[str], list[int]]:
+    """The encode of the FN fragment: ``tokenizer.encode``'s ids, assembled from a per-tokenizer memo of
+    segment encodings (:func:`_assemble_fragment_ids`). The first :data:`_SEGMENT_CHECKS` fragments of
+    each tokenizer are also encoded whole and compared; any difference turns the memo off for that
+    tokenizer (then every fragment takes the real encode), so a tokenizer that does not split at coord
+    tokens gets its own encode."""
+    encode = tokenizer.encode
+    try:
+        state = _SEGMENT_MEMOS.get(tokenizer)
+        if state is None or state.coord_ids is not coord_ids:
+            state = _SEGMENT_MEMOS[tokenizer] = _SegmentMemo(coord_ids)
+    except TypeError:  # not weakly referable: no memo
+        return lambda text: list(map(int, encode(text)))
+    if not state.on:
+        return lambda text: list(map(int, encode(text)))
+
+    def fragment_ids(text: str) -> list[int]:
+        if not state.on:
+            return list(map(int, encode(text)))
+        out = _assemble_fragment_ids(text, encode, coord_ids.ids, state.memo)
+        if state.checks_left > 0:
+            real = list(map(int, encode(text)))
+            if real != out:
+                state.on = False
+                state.memo.clear()
+                return real
+            state.checks_left -= 1
+        return out
+
+    return fragment_ids
 
 
 def _matched_target(pred: ScannedRecord, gt: DetObject, settings: TargetSettings) -> tuple[int, ...] | None:
@@ -694,7 +776,7 @@ def construct_targets(
     n_poly_unsupported = 0
     if settings.is_ab:
         n_poly_unsupported = sum(
-            1 for r in scan.records if r.is_valid and r.geom_type is not GeometryKind.BBOX
+            1 for r in scan.records if r.status is _VALID and r.geom_type is not GeometryKind.BBOX
         )
     if prompt_len < 0:
         raise InvariantViolation(f"{sample}: prompt_len must be >= 0, got {prompt_len}")
@@ -707,8 +789,10 @@ def construct_targets(
     prefix_specs: list[_PrefixSpec] = []
     n_excluded = 0
     prefix_len = len(scan.prefix_ids)
+    n_preds, n_gts = len(preds), len(gts)
+    bbox = GeometryKind.BBOX
     for p, g in sorted(match.matched_pairs):
-        if not (0 <= p < len(preds)) or not (0 <= g < len(gts)) or p in seen_p or g in seen_g:
+        if not (0 <= p < n_preds) or not (0 <= g < n_gts) or p in seen_p or g in seen_g:
             raise InvariantViolation(
                 f"{sample}: matching returned pair ({p}, {g}) outside {len(preds)} predictions x {len(gts)} GTs "
                 "or not one-to-one"
@@ -720,8 +804,8 @@ def construct_targets(
         idx = rec.coord_token_indices
         tg = rec.coord_token_groups
         if (
-            rec.geom_type is GeometryKind.BBOX
-            and gt.kind is GeometryKind.BBOX
+            rec.geom_type is bbox
+            and gt.kind is bbox
             and len(idx) == 4
             and len(rec.bins) == 4
             and len(tg) == 4
@@ -742,10 +826,15 @@ def construct_targets(
     fn_idx = tuple(j for j in range(len(gts)) if j not in supervised_gt)
     fn_objects = [gts[j] for j in fn_idx]
 
-    # FN injection (§7.2): the fragment is tokenised on its own.
+    # FN injection (§7.2): the fragment is tokenised on its own (its ids assembled from memoised segments).
     try:
         inj = append_fn_records(
-            scan, fn_objects, tokenizer.encode, settings.field_order, CoordMode.TOKENS, coord_ids=coord_ids
+            scan,
+            fn_objects,
+            _fragment_encoder(tokenizer, coord_ids),
+            settings.field_order,
+            CoordMode.TOKENS,
+            coord_ids=coord_ids,
         )
     except InvariantViolation as exc:
         raise InvariantViolation(f"{sample}: {exc}") from exc

@@ -5,19 +5,26 @@
 - ``coordjson._record_end``: a record without a nested ``{`` ends at one regex match; equal to the walk.
 - ``coordjson.scan_tokens``: a coord literal the token check found to be exactly token ``i`` is
   grouped as ``(i,)`` without the walk; the groups must equal the token-overlap walk's.
+- ``stage2_targets._fragment_encoder``: the FN fragment's ids assembled from memoised encodings of the
+  segments between coord tokens must equal ``encode(fragment)`` (on the tiny Qwen tokenizer: arbitrary
+  text around coord tokens and generated fragments; on the toy tokenizer), a tokenizer that does not
+  split at coord tokens must turn the memo off, and whole-step results must not depend on the memo.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import json
 import random
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
+import pytest
 from coordjson_toy import ToyTokenizer, box, c, det_objects
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -772,3 +779,169 @@ def test_pred_objects_equal_match_inputs_on_common_descriptions(
     scan = coordjson.scan_tokens(ids, TOK.piece_list(ids), TOK.encode, TOK.coord_table, decode=TOK.decode)
     for variant in Stage2Variant:
         assert _pred_objects(scan, variant) == [r.to_object() for r in match_inputs(scan, variant)]
+
+
+# --- FN fragment ids from memoised segments (stage2_targets._fragment_encoder) ---------------
+
+
+@functools.cache
+def _hf_tokenizer() -> object:
+    """The tiny Qwen3-VL tokenizer (Qwen2 normaliser / pre-tokenizer, coord tokens added as special)."""
+    pytest.importorskip("transformers")
+    from adapters.hf import tiny
+    from adapters.hf.tokenizer import HFTokenizer
+
+    return HFTokenizer(tiny._build_tokenizer(tiny.TinyModelSettings()))
+
+
+# Text around coord tokens: leading / trailing spaces, JSON glue, contractions, digits, combining marks,
+# other special tokens, near-miss coord literals, newlines, non-ASCII.
+SEGMENT_BITS = st.sampled_from(
+    [
+        " ",
+        "  ",
+        ", ",
+        ",",
+        "]",
+        "}",
+        "]}",
+        '"',
+        '", ',
+        '{"desc": "',
+        '"bbox_2d": [',
+        '], "desc": "',
+        "\n",
+        "\t",
+        "'s",
+        "'ll",
+        "cat",
+        " dog",
+        "traffic light",
+        "12",
+        " 3",
+        "é",
+        "e\u0301",
+        "猫",
+        "\u00a0",
+        "<|",
+        "|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|coord_1000|>",
+        "<|coord_01|>",
+        "<|coord_|>",
+        "\\",
+        '\\"',
+        "!?",
+    ]
+)
+SEGMENTS = st.lists(SEGMENT_BITS | st.text(max_size=4), max_size=5).map("".join)
+
+
+@st.composite
+def coord_texts(draw: st.DrawFn) -> str:
+    segs = draw(st.lists(SEGMENTS, min_size=1, max_size=7))
+    out = [segs[0]]
+    for seg in segs[1:]:
+        out.append(c(draw(st.integers(0, 999))) + seg)
+    return "".join(out)
+
+
+_SHARED_MEMO: dict[str, tuple[int, ...]] = {}
+
+
+@settings(max_examples=600, deadline=None)
+@given(text=coord_texts())
+def test_hf_encode_splits_at_coord_tokens(text: str) -> None:
+    """The Qwen tokenizer encodes the segments between coord tokens independently: the assembled ids
+    (fresh memo and a memo shared across examples) equal ``encode`` of the whole text."""
+    tok: Any = _hf_tokenizer()
+    want = tok.encode(text)
+    ids = tok.coord_ids.ids
+    assert stage2_targets._assemble_fragment_ids(text, tok.encode, ids, {}) == want
+    assert stage2_targets._assemble_fragment_ids(text, tok.encode, ids, _SHARED_MEMO) == want
+
+
+FRAGMENT_DESCS = st.one_of(st.text(min_size=1, max_size=10), SEGMENTS.filter(lambda s: s.strip() != ""))
+
+
+@st.composite
+def fn_fragments(draw: st.DrawFn) -> str:
+    objs = []
+    for _ in range(draw(st.integers(0, 5))):
+        desc = draw(FRAGMENT_DESCS)
+        x1, x2 = sorted(draw(st.lists(st.integers(0, 999), min_size=2, max_size=2)))
+        y1, y2 = sorted(draw(st.lists(st.integers(0, 999), min_size=2, max_size=2)))
+        if draw(st.booleans()):
+            objs.append(DetObject(desc, GeometryKind.BBOX, (x1, y1, x2, y2)))
+        else:
+            objs.append(DetObject(desc, GeometryKind.POLY, (x1, y1, x2, y1, x2, y2)))
+    order = draw(st.sampled_from(list(FieldOrder)))
+    return coordjson.fn_injection_text(draw(st.integers(0, 2)), objs, order)
+
+
+@settings(max_examples=600, deadline=None)
+@given(fragment=fn_fragments())
+def test_fn_fragment_ids_equal_the_real_encode(fragment: str) -> None:
+    """FN fragments (either order, bbox and poly, any description) through the memoised encoder (its
+    checks spent, so the assembled ids are returned unchecked) equal ``encode(fragment)``; the toy
+    tokenizer too."""
+    tok: Any = _hf_tokenizer()
+    encoder = stage2_targets._fragment_encoder(tok, tok.coord_ids)
+    state = stage2_targets._SEGMENT_MEMOS[tok]
+    state.checks_left = 0
+    assert state.on
+    assert encoder(fragment) == tok.encode(fragment)
+    toy = stage2_targets._fragment_encoder(VIEW, VIEW.coord_ids)
+    assert toy(fragment) == TOK.encode(fragment)
+
+
+class _LStripView(_View):
+    """A tokenizer whose coord tokens swallow the space before them (an ``lstrip`` added token): the
+    segments are not independent, so the memo must turn itself off."""
+
+    def encode(self, text: str) -> list[int]:
+        return TOK.encode(text.replace(" <|coord_", "<|coord_"))
+
+
+def test_a_tokenizer_that_does_not_split_gets_its_own_encode() -> None:
+    view = _LStripView()
+    rng = random.Random(3)
+    for n in range(30):
+        objs = [box(rng.choice(["cat", "dog"]), 1, 2, 3 + n, 4 + n) for _ in range(rng.randint(1, 3))]
+        fragment = coordjson.fn_injection_text(1, objs)
+        assert stage2_targets._fragment_encoder(view, VIEW.coord_ids)(fragment) == view.encode(fragment)
+    assert not stage2_targets._SEGMENT_MEMOS[view].on
+
+
+def test_channel_b_targets_equal_with_and_without_the_segment_memo() -> None:
+    """Whole-step results on the Qwen tokenizer with the memo trusted equal those with it off."""
+    tok: Any = _hf_tokenizer()
+    rng = random.Random(0)
+    settings_ = TargetSettings("stage2_ab")
+    for n in range(12):
+        gts = [
+            box(rng.choice(["cat", "dog's", "traffic light", "é", "a, b"]), x, y, x + 20, y + 30)
+            for x, y in ((rng.randrange(900), rng.randrange(900)) for _ in range(8))
+        ]
+        kept = [g for g in gts if rng.random() < 0.6]
+        text = coordjson.render(kept)[: -rng.randint(1, 30)] if kept else '{"objects": ['
+        ids = tok.encode(text)
+        results = []
+        for on in (True, False):
+            stage2_targets._fragment_encoder(tok, tok.coord_ids)
+            state = stage2_targets._SEGMENT_MEMOS[tok]
+            state.on, state.checks_left = on, 0
+            out = stage2_targets.build_channel_b_targets(ids, 7, gts, settings_, tok, SAMPLE)
+            results.append(
+                (
+                    out.append_ids,
+                    out.fragment_text,
+                    out.mask.classes.tolist(),
+                    out.fn_groups,
+                    out.tail_desc_pos,
+                )
+            )
+        stage2_targets._SEGMENT_MEMOS.pop(tok)
+        assert results[0] == results[1], n
+        assert results[0][0] == tuple(tok.encode(results[0][1]))
