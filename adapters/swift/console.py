@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 SWIFT_LOG_FILENAME = "swift.log"
-_OURS = "_coordexp_run_log"  # marks the file handler this module installed
+RUN_LOG_MARK = "_coordexp_run_log"  # marks the file handler this module installed
 
 
 def route_swift_logs(log_file: Path | None) -> None:
@@ -29,7 +29,7 @@ def route_swift_logs(log_file: Path | None) -> None:
         return
     target = str(Path(log_file).absolute())
     for handler in list(logger.handlers):
-        if getattr(handler, _OURS, False) and isinstance(handler, logging.FileHandler):
+        if getattr(handler, RUN_LOG_MARK, False) and isinstance(handler, logging.FileHandler):
             if handler.baseFilename == target:
                 return
             logger.removeHandler(handler)
@@ -38,5 +38,5 @@ def route_swift_logs(log_file: Path | None) -> None:
     file_handler = logging.FileHandler(target, mode="a", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s:%(name)s] %(message)s"))
     file_handler.setLevel(logging.INFO)
-    setattr(file_handler, _OURS, True)
+    setattr(file_handler, RUN_LOG_MARK, True)
     logger.addHandler(file_handler)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.swift.console import route_swift_logs
+from adapters.swift.console import RUN_LOG_MARK, route_swift_logs
 
 
 def test_swift_chatter_goes_to_the_log_file_and_errors_still_reach_the_console(
@@ -37,9 +37,8 @@ def test_swift_chatter_goes_to_the_log_file_and_errors_still_reach_the_console(
         assert "a real problem" in err
         text = log_file.read_text(encoding="utf-8")
         assert "max_ratio" in text and "trust_remote_code" in text and "a real problem" in text
-        assert [h.baseFilename for h in logger.handlers if isinstance(h, logging.FileHandler)] == [
-            str(log_file.absolute())
-        ]  # an earlier run's log (another test's training in this process) was closed
+        ours = [h.baseFilename for h in logger.handlers if getattr(h, RUN_LOG_MARK, False)]
+        assert ours == [str(log_file.absolute())]  # an earlier run's log (another test's training) was closed
     finally:
         for handler in list(logger.handlers):
             if handler not in before:
@@ -67,8 +66,8 @@ def test_routing_to_a_new_run_log_closes_the_previous_one(tmp_path: Path) -> Non
         second = (tmp_path / "b" / "swift.log").read_text(encoding="utf-8")
         assert "first run" in first and "second run" not in first
         assert "second run" in second and "first run" not in second
-        ours = [h for h in logger.handlers if isinstance(h, logging.FileHandler) and h not in before]
-        assert [h.baseFilename for h in ours] == [str((tmp_path / "b" / "swift.log").absolute())]
+        ours = [h.baseFilename for h in logger.handlers if getattr(h, RUN_LOG_MARK, False)]
+        assert ours == [str((tmp_path / "b" / "swift.log").absolute())]
     finally:
         for handler in list(logger.handlers):
             if handler not in before:
