@@ -1,6 +1,6 @@
 """Benchmark: the Stage-1 loss from hidden states vs materialised logits (one process; issue 14 item 5).
 
-    .venv/bin/python -m bench.bench_coord_loss_hidden [--vocab 152000 --hidden 256 --lengths 2048 8192]
+    .venv/bin/python bench/bench_coord_loss_hidden.py [--vocab 152000 --hidden 256 --lengths 2048 8192]
 
 (a) ``logits = hidden @ weight.T`` materialised ``[1, L, V]`` fp32, then the logits kernel
 ``CoordLossKernel.__call__``; (b) ``CoordLossKernel.from_hidden(hidden, weight, labels)``. Both
@@ -54,34 +54,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters.torch.coord_loss import CoordLossKernel, lambda_for_backward
 from domain.coord_tokens import NUM_BINS, CoordIdTable
 from domain.losses import PRODUCTION_SETTINGS
 
-
-def _proc_bytes(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    m = re.search(rf"{field}:\s+(\d+) kB", text)
-    return int(m.group(1)) * 1024 if m else 0
-
-
-def measure(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
-    """(seconds, peak extra bytes) of one call."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
-    base = _proc_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    t0 = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t0
-    return dt, _proc_bytes("VmHWM") - base
+from bench_coord_loss import measure  # one owner of the time / peak-memory method
 
 
 Result = tuple[float, int, float, torch.Tensor | None, torch.Tensor | None]

@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,14 +163,12 @@ class Stage1Runtime:
                 f"labels {list(labels.shape)} with every coord id (need [B, L, >= {self.coord_table.max_id + 1}]); "
                 "sliced logits or a fused CE kernel are forbidden"
             )
-        try:
-            return self.kernel(logits, labels, coord_metrics=self.pure_ce_coord_metrics, logit_stats=self.monitor is not None)
-        except StepError:
-            raise
-        except Exception as exc:
-            raise StepError(
-                f"Stage-1 loss failed at global_step={global_step}: {exc}; refusing to train without coord supervision"
-            ) from exc
+        return _located(
+            global_step,
+            lambda: self.kernel(
+                logits, labels, coord_metrics=self.pure_ce_coord_metrics, logit_stats=self.monitor is not None
+            ),
+        )
 
     def forward_loss(
         self, model: Any, inputs: dict[str, Any], ctx: StepContext, global_step: int
@@ -219,21 +217,17 @@ class Stage1Runtime:
                 f"Stage-1 loss failed at global_step={global_step}: hidden states {list(hidden.shape)} and head "
                 f"{list(weight.shape)} do not cover labels {list(labels.shape)} with every coord id"
             )
-        try:
-            return self.kernel.from_hidden(
+        return _located(
+            global_step,
+            lambda: self.kernel.from_hidden(
                 hidden,
                 weight,
                 labels,
                 head_offsets=head_offsets(model),
                 coord_metrics=self.pure_ce_coord_metrics,
                 logit_stats=self.monitor is not None,
-            )
-        except StepError:
-            raise
-        except Exception as exc:
-            raise StepError(
-                f"Stage-1 loss failed at global_step={global_step}: {exc}; refusing to train without coord supervision"
-            ) from exc
+            ),
+        )
 
     def describe(self, ctx: StepContext) -> str:
         return ctx.instability_meta_json or "<unknown samples>"
@@ -431,6 +425,19 @@ class Stage1Runtime:
             shutil.rmtree(path)
             removed.append(path)
         return removed
+
+
+def _located(global_step: int, compute: Callable[[], CoordLossResult]) -> CoordLossResult:
+    """Run the kernel; any failure but a StepError becomes one (training never continues without coord
+    supervision)."""
+    try:
+        return compute()
+    except StepError:
+        raise
+    except Exception as exc:
+        raise StepError(
+            f"Stage-1 loss failed at global_step={global_step}: {exc}; refusing to train without coord supervision"
+        ) from exc
 
 
 _WARNED: set[str] = set()
