@@ -34,6 +34,9 @@ alone at V = 152k.
     V=152000 L=2048:  (a) 10.30 s +2384 MiB  (b) 19.00 s +256 MiB  time 1.84x  memory 1/9.3
     V=32000  L=8192:  (a) 11.13 s +2036 MiB  (b) 16.89 s +150 MiB  time 1.52x  memory 1/13.6
     V=152000 L=8192:  (b) only 67.8 s +296 MiB   ((a) would need ≳ 9.3 GiB)
+    --chunk-mb 64, quiet machine, 16 GiB free (`--lengths 8192 --repeats 1`):
+    V=152000 L=8192:  (a) 31.03 s +9673 MiB  (b) 22.73 s +328 MiB   time 0.73x  memory 1/29.4
+                      |Δλ| 0, max|Δ∇h| 0, max|Δ∇W| 7.0e-09
     --chunk-mb 96:
     V=152000 L=2048:  (a) 14.45 s +2595 MiB  (b) 13.56 s +432 MiB  time 0.94x  memory 1/6.0
 
