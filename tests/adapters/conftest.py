@@ -31,3 +31,19 @@ def tiny_loaded(tiny_checkpoint: Path) -> Any:
     from adapters.hf.checkpoint import load_model_and_processor
 
     return load_model_and_processor(tiny_checkpoint, dtype="float32", attn_implementation="sdpa", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    """The tiny model's tokenizer (coord tokens added), built in memory."""
+    from adapters.hf import tiny
+
+    return tiny._build_tokenizer(tiny.TinyModelSettings())
+
+
+@pytest.fixture(scope="session")
+def table(tokenizer: Any) -> Any:
+    """The coord-id table of :func:`tokenizer`."""
+    from adapters.hf.tokenizer import HFTokenizer
+
+    return HFTokenizer(tokenizer).coord_ids

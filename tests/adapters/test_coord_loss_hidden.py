@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -119,7 +119,11 @@ def assert_same_grads(ref: list[torch.Tensor | None], got: list[torch.Tensor | N
     for name, a, b in zip(("hidden", "weight", "offsets"), ref, got):
         assert (a is None) == (b is None), name
         if a is not None and b is not None:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+            # fp32: the two paths add the same terms in a different order; 1e-5 of the gradient's own scale
+            # (the fp64 test holds them to 1e-10). Seed 945 of the hypothesis test has |∇h| up to 13.7 and
+            # differs by 2.3e-5 at one element.
+            scale = max(1.0, float(a.abs().max()))
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 SETTINGS = st.builds(
@@ -150,6 +154,9 @@ SETTINGS = st.builds(
     world=st.integers(1, 2),
 )
 @settings(max_examples=40, deadline=None)
+@example(seed=945, shape=(3, 6), p_sup=0.203125, p_coord=1.0, scale=4.0, offsets=True,
+         cfg=CoordLossSettings(enabled=True, ce_weight=0.0, soft_ce_weight=3.0, w1_weight=0.0, gate_weight=1.0,
+                               temperature=0.5, target_sigma=0.5, target_truncate=None), chunk_rows=1, world=1)
 def test_hidden_path_equals_logits_then_kernel(
     seed: int, shape: tuple[int, int], p_sup: float, p_coord: float, scale: float, offsets: bool,
     cfg: CoordLossSettings, chunk_rows: int, world: int,

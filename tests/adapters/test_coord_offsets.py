@@ -30,7 +30,6 @@ from adapters.hf.coord_offsets import (
     setup_coord_offsets,
     trainable_offsets,
 )
-from adapters.hf.tokenizer import HFTokenizer
 from adapters.hf.vocab import shares_storage
 from application.config.schema import CoordOffsetConfig, TrainingConfig
 from domain.coord_tokens import CoordIdTable
@@ -38,18 +37,6 @@ from domain.errors import ArtifactError, SetupError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from adapters.hf import tiny
-
-    return tiny._build_tokenizer(tiny.TinyModelSettings())
-
-
-@pytest.fixture(scope="module")
-def table(tokenizer: Any) -> CoordIdTable:
-    return HFTokenizer(tokenizer).coord_ids
 
 
 @pytest.fixture(scope="module")

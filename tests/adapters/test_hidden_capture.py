@@ -11,23 +11,10 @@ import torch
 
 from adapters.hf.coord_offsets import install_coord_offsets
 from adapters.hf.hidden_capture import FinalHiddenStates, head_offsets
-from adapters.hf.tokenizer import HFTokenizer
 from domain.coord_tokens import CoordIdTable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from adapters.hf import tiny
-
-    return tiny._build_tokenizer(tiny.TinyModelSettings())
-
-
-@pytest.fixture(scope="module")
-def table(tokenizer: Any) -> CoordIdTable:
-    return HFTokenizer(tokenizer).coord_ids
 
 
 def _model(tokenizer: Any, tied: bool) -> Any:
