@@ -244,3 +244,32 @@ def bins_to_pixels_float(flat: Sequence[int], width: int, height: int) -> list[f
     """Unrounded bin -> pixel over a flat list, as floats (evaluation, drawing)."""
     _check_flat(flat)
     return [bin_to_pixel_float(k, _axis_size(j, width, height)) for j, k in enumerate(flat)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checked bins of a shape (one owner of the messages; the duplicate monitor and Stage-2 matching call these)
+
+
+def plain_canonical_bbox(bins: Sequence[object]) -> tuple[int, int, int, int] | None:
+    """The canonical (min/max per axis) box of four plain in-range ``int`` bins, checked in one expression;
+    None for anything else (the caller then checks bin by bin with :func:`check_bins`)."""
+    if len(bins) != 4:
+        return None
+    x1, y1, x2, y2 = bins
+    if (
+        type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int
+        and 0 <= x1 <= MAX_BIN and 0 <= y1 <= MAX_BIN and 0 <= x2 <= MAX_BIN and 0 <= y2 <= MAX_BIN
+    ):  # fmt: skip
+        return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    return None
+
+
+def check_bins(bins: Sequence[object], where: str) -> None:
+    """Every value an integer bin in 0..999, else a ``GeometryError`` naming ``<where>.bins[j]``."""
+    import numpy as np
+
+    for j, v in enumerate(bins):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise GeometryError(f"{where}.bins[{j}]: expected an integer bin, got {v!r}")
+        if not 0 <= v <= MAX_BIN:
+            raise GeometryError(f"{where}.bins[{j}]: value {v} out of range 0..{MAX_BIN}")

@@ -20,7 +20,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from domain.codec import MAX_BIN, int_boxes_to_bins, pixels_to_bins
+from domain.codec import MAX_BIN, check_bins, int_boxes_to_bins, pixels_to_bins, plain_canonical_bbox
 from domain.errors import ArtifactError, ConfigError, GeometryError
 from domain.geometry import pairwise_box_iou
 from domain.objects import DetObject, GeometryKind
@@ -153,21 +153,13 @@ def _check_threshold(iou_threshold: float) -> None:
 
 def _canonical_box(obj: DescribedShape, index: int) -> tuple[int, int, int, int]:
     bins = obj.bins
-    if len(bins) == 4:  # the common case (four plain in-range ints) checked at once
-        x1, y1, x2, y2 = bins
-        if (
-            type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int
-            and 0 <= x1 <= MAX_BIN and 0 <= y1 <= MAX_BIN and 0 <= x2 <= MAX_BIN and 0 <= y2 <= MAX_BIN
-        ):  # fmt: skip
-            return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    plain = plain_canonical_bbox(bins)
+    if plain is not None:
+        return plain
     where = f"objects[{index}]"
     if len(bins) != 4:
         raise GeometryError(f"{where}.bins: a bbox_2d needs exactly 4 values, got {len(bins)}")
-    for j, v in enumerate(bins):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise GeometryError(f"{where}.bins[{j}]: expected an integer bin, got {v!r}")
-        if not 0 <= v <= MAX_BIN:
-            raise GeometryError(f"{where}.bins[{j}]: value {v} out of range 0..{MAX_BIN}")
+    check_bins(bins, where)
     x1, y1, x2, y2 = (int(v) for v in bins)
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
 

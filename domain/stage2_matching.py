@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
-from domain.codec import MAX_BIN
+from domain.codec import MAX_BIN, check_bins, plain_canonical_bbox
 from domain.errors import ConfigError, GeometryError
 from domain.geometry import box_mask_spans, masks_iou, pairwise_box_iou, rasterize_shape, span_mask_iou
 from domain.objects import DetObject, GeometryKind
@@ -116,20 +116,13 @@ def _checked_aabb(shape: BinShape, where: str) -> tuple[int, int, int, int]:
     """The shape's canonical (min/max) axis-aligned box; bad bins or arity raise naming ``where``."""
     kind = shape.kind
     bins = shape.bins
-    if kind is GeometryKind.BBOX and len(bins) == 4:  # the common case, checked in one expression
-        x1, y1, x2, y2 = bins
-        if (
-            type(x1) is int and type(y1) is int and type(x2) is int and type(y2) is int
-            and 0 <= x1 <= MAX_BIN and 0 <= y1 <= MAX_BIN and 0 <= x2 <= MAX_BIN and 0 <= y2 <= MAX_BIN
-        ):  # fmt: skip
-            return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    if kind is GeometryKind.BBOX:  # the common case, checked in one expression
+        plain = plain_canonical_bbox(bins)
+        if plain is not None:
+            return plain
     if not isinstance(kind, GeometryKind):
         raise GeometryError(f"{where}.kind: expected 'bbox_2d' or 'poly', got {kind!r}")
-    for j, v in enumerate(bins):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise GeometryError(f"{where}.bins[{j}]: expected an integer bin, got {v!r}")
-        if not 0 <= v <= MAX_BIN:
-            raise GeometryError(f"{where}.bins[{j}]: value {v} out of range 0..{MAX_BIN}")
+    check_bins(bins, where)
     if kind is GeometryKind.BBOX:
         if len(bins) != 4:
             raise GeometryError(f"{where}.bins: a bbox_2d needs exactly 4 values, got {len(bins)}")
