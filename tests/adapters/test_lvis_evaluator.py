@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from lvis_fixture import lvis_gt, lvis_results, write_json
+from lvis_fixture import lvis_gt, lvis_results, np_float, write_json
 
 from adapters.coco.lvis_evaluator import LVIS_BACKENDS, import_lvis, lvis_evaluator_for
 from domain.errors import ConfigError
@@ -27,17 +25,6 @@ from ports.evaluation import LvisEvaluator
 pytest.importorskip("lvis")
 REPO = Path(__file__).resolve().parents[2]
 
-
-@contextlib.contextmanager
-def np_float() -> Iterator[None]:
-    """The reference run needs numpy's removed ``np.float`` alias (lvis 0.5.3 on numpy >= 1.24)."""
-    had = "float" in np.__dict__
-    np.float = float  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if not had:
-            del np.float  # type: ignore[attr-defined]
 
 
 @functools.cache

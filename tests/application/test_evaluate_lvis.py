@@ -13,7 +13,6 @@ import json
 import math
 import random
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from lvis_fixture import COCO100, lvis_gt, lvis_results, write_json
+from lvis_fixture import COCO100, lvis_gt, lvis_results, np_float, write_json
 
 from application import wiring
 from application.config.schema import EvalConfig
@@ -34,16 +33,6 @@ from ports.evaluation import SemanticStep
 
 OFF = SemanticStep.off("test")
 
-
-@contextlib.contextmanager
-def np_float() -> Iterator[None]:
-    had = "float" in np.__dict__
-    np.float = float  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        if not had:
-            del np.float  # type: ignore[attr-defined]
 
 
 def lvis_reference(gt_path: Path, results_path: Path, iou_type: str = "bbox") -> dict[str, float]:

@@ -9,10 +9,14 @@ detections on negative, not-exhaustive and unverified categories, and one image 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 COCO100 = DATA / "coco_val2014_100"
@@ -83,3 +87,15 @@ def lvis_results(gt: dict[str, Any], iou_type: str = "bbox", seed: int = 1) -> l
 def write_json(path: Path, value: Any) -> Path:
     path.write_text(json.dumps(value))
     return path
+
+
+@contextlib.contextmanager
+def np_float() -> Iterator[None]:
+    """The reference ``lvis.LVISEval`` run needs numpy's removed ``np.float`` alias (lvis 0.5.3, numpy >= 1.24)."""
+    had = "float" in np.__dict__
+    np.float = float  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if not had:
+            del np.float  # type: ignore[attr-defined]
