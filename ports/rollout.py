@@ -23,7 +23,7 @@ Tensors are typed ``object`` here: this module stays framework free; adapters do
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
 import attrs
@@ -115,6 +115,28 @@ class RolloutSample:
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+    @classmethod
+    def from_server(
+        cls,
+        ids: Sequence[int],
+        finish: str,
+        stop_ids: Collection[int],
+        piece: Callable[[int], str],
+        *,
+        repeat_terminate_triggered: bool = False,
+    ) -> RolloutSample:
+        """A server engine's answer (ms-swift's ``RolloutOutput`` / vLLM's completion): trailing stop ids removed,
+        one piece per kept id, ``finish`` ``"length"`` kept and any other reason read as ``"stop"``."""
+        kept = list(ids)
+        while kept and kept[-1] in stop_ids:
+            kept.pop()
+        return cls(
+            response_ids=tuple(int(i) for i in kept),
+            pieces=tuple(piece(i) for i in kept),
+            finish_reason="length" if finish == "length" else "stop",
+            repeat_terminate_triggered=repeat_terminate_triggered,
+        )
 
 
 @attrs.frozen

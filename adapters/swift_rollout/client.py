@@ -652,14 +652,8 @@ class SwiftRolloutClient:
         return out
 
     def _sample(self, ids: tuple[int, ...], finish: str, triggered: bool) -> RolloutSample:
-        kept = list(ids)
-        while kept and kept[-1] in self._stop_ids:
-            kept.pop()
-        return RolloutSample(
-            response_ids=tuple(kept),
-            pieces=tuple(self._tokenizer.piece(i) for i in kept),
-            finish_reason="length" if finish == "length" else "stop",
-            repeat_terminate_triggered=triggered,
+        return RolloutSample.from_server(
+            ids, finish, self._stop_ids, self._tokenizer.piece, repeat_terminate_triggered=triggered
         )
 
     # ---- weight sync --------------------------------------------------------------------------------

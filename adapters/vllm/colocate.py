@@ -220,14 +220,7 @@ class VllmColocateBackend:
         return results[mine_start:mine_stop]
 
     def _sample(self, ids: Sequence[int], finish: str) -> RolloutSample:
-        kept = list(ids)
-        while kept and kept[-1] in self._stop_ids:
-            kept.pop()
-        return RolloutSample(
-            response_ids=tuple(kept),
-            pieces=tuple(self._tokenizer.piece(i) for i in kept),
-            finish_reason="length" if finish == "length" else "stop",
-        )
+        return RolloutSample.from_server(ids, finish, self._stop_ids, self._tokenizer.piece)
 
     # ---- weight sync ----------------------------------------------------------------------------------------
 
